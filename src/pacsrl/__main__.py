@@ -1,0 +1,5 @@
+import sys
+
+from pacsrl.cli import main
+
+sys.exit(main())
