@@ -1,5 +1,27 @@
-"""Verifiable rewards for RLVR (TRL reward-function contract)."""
+"""Verifiable rewards for RLVR, following TRL's reward-function contract."""
 
-from pacsrl.rewards.math import find_unparseable_gold
+from pacsrl.rewards.math import (
+    MathReward,
+    VerifierStats,
+    find_unparseable_gold,
+    make_math_reward,
+    math_reward,
+    reset_verifier_stats,
+    shutdown_workers,
+    timeout_count,
+    verifier_stats,
+    verify_answer,
+)
 
-__all__ = ["find_unparseable_gold"]
+__all__ = [
+    "MathReward",
+    "VerifierStats",
+    "find_unparseable_gold",
+    "make_math_reward",
+    "math_reward",
+    "reset_verifier_stats",
+    "shutdown_workers",
+    "timeout_count",
+    "verifier_stats",
+    "verify_answer",
+]

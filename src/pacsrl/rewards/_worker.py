@@ -1,0 +1,102 @@
+"""Verification worker subprocess, started and driven by :mod:`pacsrl.rewards.math`.
+
+math-verify parses LaTeX with ANTLR and compares with SymPy; on hostile text either can run for minutes or
+blow the stack, and its own ``signal.alarm`` timeouts only work in the main thread of the main interpreter.
+So the parent process never runs math-verify itself: it sends each job to this long-lived subprocess and
+kills it when a job overruns its deadline. A fresh interpreter (not ``fork``) keeps CUDA, NCCL and thread
+state of a training process out of the worker.
+
+Protocol over stdin/stdout: each message is a 4-byte big-endian length followed by that many bytes of
+ASCII JSON. The worker first sends ``{"ready": true}``, then answers each request with one message:
+
+* ``{"op": "verify", "pred": str, "gold": str}`` -> ``{"ok": bool}`` (gold is wrapped in ``\\boxed{}``)
+* ``{"op": "gold", "gold": str}`` -> ``{"ok": bool}`` (True when the gold parses to a math object)
+
+An exception inside math-verify is answered with ``{"ok": false, "error": "..."}``. EOF on stdin ends the
+worker, so it never outlives its parent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+import sys
+from functools import lru_cache
+from typing import Any, BinaryIO
+
+HEADER = struct.Struct(">I")
+
+
+def write_message(stream: BinaryIO, message: dict[str, Any]) -> None:
+    """Write one length-prefixed JSON message and flush it."""
+    payload = json.dumps(message, ensure_ascii=True).encode("ascii")
+    stream.write(HEADER.pack(len(payload)) + payload)
+    stream.flush()
+
+
+def _read_exact(stream: BinaryIO, n: int) -> bytes | None:
+    chunks = []
+    while n > 0:
+        chunk = stream.read(n)
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+
+
+def read_message(stream: BinaryIO) -> dict[str, Any] | None:
+    """Read one message (blocking); None at EOF."""
+    header = _read_exact(stream, HEADER.size)
+    if header is None:
+        return None
+    payload = _read_exact(stream, HEADER.unpack(header)[0])
+    return None if payload is None else json.loads(payload)
+
+
+def main() -> None:
+    """Serve requests until stdin closes."""
+    # Answers go to a private copy of stdout; anything a library prints lands on stderr instead.
+    channel = os.fdopen(os.dup(1), "wb", buffering=0)
+    os.dup2(2, 1)
+    requests = sys.stdin.buffer
+
+    # The parent enforces the deadline by killing this process, so math-verify's signal timeouts are off;
+    # silence the warning it logs about that (once per process).
+    for name in ("math_verify.parser", "math_verify.grader"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+    from sympy import Basic, MatrixBase
+
+    # The last \boxed{} wins: boxed answers get the top priority and only the rightmost match is tried.
+    # Without a box, math-verify falls back to its usual anchors ("answer is ...", last $...$, last number).
+    pred_config = (LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig())
+
+    @lru_cache(maxsize=4096)
+    def parse_gold(gold: str) -> list:
+        # As in the paper: the gold answer is wrapped in \boxed{} before parsing.
+        return parse("\\boxed{" + gold + "}", parsing_timeout=None)
+
+    def handle(request: dict[str, Any]) -> dict[str, Any]:
+        gold = parse_gold(request["gold"])
+        if request["op"] == "gold":
+            return {"ok": any(isinstance(g, (Basic, MatrixBase)) for g in gold)}
+        pred = parse(
+            request["pred"], extraction_config=pred_config, extraction_mode="first_match", parsing_timeout=None
+        )
+        return {"ok": bool(verify(gold, pred, timeout_seconds=None))}
+
+    write_message(channel, {"ready": True})
+    while (request := read_message(requests)) is not None:
+        try:
+            response = handle(request)
+        except Exception as exc:  # reported to the parent, which counts it and scores 0.0
+            response = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
+        write_message(channel, response)
+
+
+if __name__ == "__main__":
+    main()
