@@ -1,0 +1,289 @@
+"""Tests of the math verifier (pacsrl.rewards).
+
+Expected values are mathematical truth. Cases where math-verify disagrees with truth are listed in
+DROPPED_CASES with the reason, instead of asserting a wrong value.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from pacsrl.rewards import (
+    VerifierStats,
+    find_unparseable_gold,
+    make_math_reward,
+    math_reward,
+    reset_verifier_stats,
+    timeout_count,
+    verifier_stats,
+    verify_answer,
+)
+
+CORRECTED = (
+    r"First \boxed{3}. Hmm, that contradicts the second condition, so let us redo the computation "
+    r"carefully from the start. Now \boxed{5}."
+)
+
+# (completion, gold, expected reward)
+CASES = [
+    # integers
+    pytest.param(r"The answer is \boxed{42}.", "42", 1.0, id="int-equal"),  # 42 = 42
+    pytest.param(r"\boxed{-7}", "-7", 1.0, id="int-negative"),  # -7 = -7
+    pytest.param(r"\boxed{41}", "42", 0.0, id="int-off-by-one"),  # 41 != 42
+    pytest.param(r"\boxed{12}", "21", 0.0, id="int-swapped-digits"),  # 12 != 21
+    pytest.param(r"\boxed{-2}", "2", 0.0, id="int-wrong-sign"),  # -2 != 2
+    pytest.param(r"\boxed{2^{10}}", "1024", 1.0, id="int-power"),  # 2^10 = 1024
+    # fractions
+    pytest.param(r"\boxed{\frac{1}{2}}", r"\frac{1}{2}", 1.0, id="frac-equal"),  # same fraction
+    pytest.param(r"\boxed{\dfrac{3}{4}}", r"\frac{3}{4}", 1.0, id="dfrac-vs-frac"),  # \dfrac is display-style \frac
+    pytest.param(r"\boxed{3/4}", r"\frac{3}{4}", 1.0, id="slash-vs-frac"),  # 3/4 = 3/4
+    pytest.param(r"\boxed{\frac{2}{4}}", r"\frac{1}{2}", 1.0, id="frac-unreduced"),  # 2/4 = 1/2
+    pytest.param(r"\boxed{\frac12}", r"\frac{1}{2}", 1.0, id="frac-no-braces"),  # \frac12 is \frac{1}{2}
+    pytest.param(r"\boxed{\frac{1}{3}}", r"\frac{1}{2}", 0.0, id="frac-wrong"),  # 1/3 != 1/2
+    pytest.param(r"\boxed{\frac{2}{1}}", r"\frac{1}{2}", 0.0, id="frac-inverted"),  # 2 != 1/2
+    # decimals vs fractions
+    pytest.param(r"\boxed{0.5}", r"\frac{1}{2}", 1.0, id="decimal-vs-frac"),  # 0.5 = 1/2
+    pytest.param(r"\boxed{\frac{1}{4}}", "0.25", 1.0, id="frac-vs-decimal-gold"),  # 1/4 = 0.25
+    pytest.param(r"\boxed{2.50}", "2.5", 1.0, id="decimal-trailing-zero"),  # 2.50 = 2.5
+    pytest.param(r"\boxed{0.33}", r"\frac{1}{3}", 0.0, id="decimal-truncated"),  # 0.33 != 1/3 (off by 1/300)
+    pytest.param(r"\boxed{2.0001}", "2", 0.0, id="decimal-close"),  # 2.0001 != 2
+    # LaTeX spacing
+    pytest.param(r"\boxed{ \frac { 1 } { 2 } }", r"\frac{1}{2}", 1.0, id="spaces-in-frac"),  # whitespace only
+    pytest.param(r"\boxed{2\,\pi}", r"2\pi", 1.0, id="thin-space"),  # \, is a thin space
+    pytest.param(r"\boxed{x ^ 2 + 1}", "x^2+1", 1.0, id="spaces-in-polynomial"),  # whitespace only
+    # \left( \right)
+    pytest.param(r"\boxed{\left( 1, 2 \right)}", "(1,2)", 1.0, id="left-right-parens"),  # \left( is (
+    pytest.param(r"\boxed{\left[ 0, 1 \right)}", "[0,1)", 1.0, id="left-right-interval"),  # same interval
+    # intervals
+    pytest.param(r"\boxed{[0, 1)}", "[0,1)", 1.0, id="interval-equal"),  # same half-open interval
+    pytest.param(r"\boxed{(0, 1]}", "[0,1)", 0.0, id="interval-wrong-ends"),  # (0,1] != [0,1)
+    pytest.param(r"\boxed{(-\infty, 3]}", r"(-\infty,3]", 1.0, id="interval-infinite"),  # same ray
+    pytest.param(r"\boxed{[2,5] \cup [7,9]}", r"[2,5]\cup[7,9]", 1.0, id="interval-union"),  # same union
+    # tuples
+    pytest.param(r"\boxed{(3, -4)}", "(3,-4)", 1.0, id="tuple-equal"),  # same ordered pair
+    pytest.param(r"\boxed{(-4, 3)}", "(3,-4)", 0.0, id="tuple-order-matters"),  # (-4,3) != (3,-4)
+    # sets
+    pytest.param(r"\boxed{\{3, 1, 2\}}", r"\{1,2,3\}", 1.0, id="set-reordered"),  # sets ignore order
+    pytest.param(r"\boxed{\{1, 2\}}", r"\{1,2,3\}", 0.0, id="set-missing-element"),  # {1,2} != {1,2,3}
+    # expressions equal after simplification
+    pytest.param(r"\boxed{(x+1)^2}", "x^2+2x+1", 1.0, id="expand-square"),  # (x+1)^2 = x^2+2x+1
+    pytest.param(r"\boxed{2(x+3)}", "2x+6", 1.0, id="distribute"),  # 2(x+3) = 2x+6
+    pytest.param(r"\boxed{x^2 - 1}", "(x-1)(x+1)", 1.0, id="difference-of-squares"),  # (x-1)(x+1) = x^2-1
+    pytest.param(r"\boxed{x^2 + 1}", "(x+1)^2", 0.0, id="missing-cross-term"),  # differs by 2x
+    pytest.param(r"\boxed{x+1}", "x-1", 0.0, id="expr-wrong-sign"),  # differs by 2
+    # square roots
+    pytest.param(r"\boxed{\sqrt{8}}", r"2\sqrt{2}", 1.0, id="sqrt-simplify"),  # sqrt(8) = 2 sqrt(2)
+    pytest.param(r"\boxed{\frac{\sqrt{2}}{2}}", r"\frac{1}{\sqrt{2}}", 1.0, id="sqrt-rationalized"),  # sqrt2/2 = 1/sqrt2
+    pytest.param(r"\boxed{\sqrt{3}}", r"\sqrt{2}", 0.0, id="sqrt-wrong"),  # sqrt3 != sqrt2
+    # pi
+    pytest.param(r"\boxed{2\pi}", r"2\pi", 1.0, id="pi-equal"),  # same
+    pytest.param(r"\boxed{\pi/2}", r"\frac{\pi}{2}", 1.0, id="pi-slash"),  # pi/2 = \frac{\pi}{2}
+    pytest.param(r"\boxed{3.14}", r"\pi", 0.0, id="pi-approximation"),  # 3.14 != pi
+    # text around the box
+    pytest.param(r"Adding gives 5, so the answer is $\boxed{12}$.", "12", 1.0, id="text-inline-math"),  # box in $..$
+    pytest.param("We get \\boxed{12}.\nThis is because 3 * 4 = 12 and 7 is odd.", "12", 1.0, id="text-after-box"),
+    # ^ numbers after the box do not override it
+    # several boxes: the last one counts
+    pytest.param(CORRECTED, "5", 1.0, id="boxes-last-right"),  # the final answer is 5
+    pytest.param(CORRECTED, "3", 0.0, id="boxes-earlier-right"),  # 3 was retracted
+    # boxes listed together (",", "and", "or" within 70 characters) are one answer, as math-verify reads them:
+    pytest.param(r"It is \boxed{3} or \boxed{5}.", "5", 0.0, id="boxes-hedging"),  # "3 or 5" is not the value 5
+    pytest.param(r"$x = \boxed{2}$ and $x = \boxed{-3}$", r"\{-3, 2\}", 1.0, id="boxes-listing-roots"),  # {2,-3}
+    # no box: math-verify's fallbacks
+    pytest.param("The answer is 7.", "7", 1.0, id="nobox-answer-is"),  # "answer is" anchor
+    pytest.param(r"So the final answer is $\frac{1}{2}$", r"\frac{1}{2}", 1.0, id="nobox-latex"),  # latex anchor
+    pytest.param("I do not know.", "7", 0.0, id="nobox-no-answer"),  # nothing to extract
+    # empty completions
+    pytest.param("", "7", 0.0, id="empty"),  # nothing to extract
+    pytest.param("   \n\t", "7", 0.0, id="whitespace-only"),  # nothing to extract
+    pytest.param(r"\boxed{}", "7", 0.0, id="empty-box"),  # an empty box is no answer
+    # other notations
+    pytest.param(r"\boxed{10\%}", r"10\%", 1.0, id="percent"),  # same percentage
+    pytest.param(r"\boxed{\infty}", r"\infty", 1.0, id="infinity"),  # same
+    pytest.param(r"\boxed{\begin{pmatrix} 1 \\ 2 \end{pmatrix}}", r"\begin{pmatrix}1\\2\end{pmatrix}", 1.0, id="vector"),
+    # ^ same column vector
+    # conversational completions: the last assistant message counts
+    pytest.param([{"role": "assistant", "content": r"so \boxed{6}"}], "6", 1.0, id="chat-single"),  # 6 = 6
+    pytest.param(
+        [{"role": "user", "content": r"\boxed{6}"}, {"role": "assistant", "content": r"\boxed{5}"}],
+        "6",
+        0.0,
+        id="chat-ignores-user",  # the assistant said 5
+    ),
+    pytest.param(
+        [
+            {"role": "assistant", "content": r"\boxed{6}"},
+            {"role": "tool", "content": "ok"},
+            {"role": "assistant", "content": r"\boxed{5}"},
+        ],
+        "5",
+        1.0,
+        id="chat-last-assistant",  # the last assistant message says 5
+    ),
+    pytest.param(
+        [{"role": "assistant", "content": [{"type": "text", "text": r"\boxed{"}, {"type": "text", "text": "9}"}]}],
+        "9",
+        1.0,
+        id="chat-content-parts",  # text parts joined: \boxed{9}
+    ),
+]
+
+# Cases where math-verify 0.9.0 disagrees with mathematical truth; not asserted.
+DROPPED_CASES = []
+
+
+@pytest.fixture(autouse=True)
+def _fresh_stats():
+    reset_verifier_stats()
+    yield
+
+
+@pytest.mark.parametrize(("completion", "gold", "expected"), CASES)
+def test_math_reward_table(completion, gold, expected):
+    assert math_reward(completions=[completion], answer=[gold]) == [expected]
+
+
+def test_table_is_large_enough():
+    assert len(CASES) >= 40
+
+
+def test_batch_with_trl_keyword_arguments():
+    # TRL passes prompts, completion_ids, other dataset columns, trainer_state, log_extra and log_metric.
+    metrics = {}
+    rewards = math_reward(
+        prompts=["p1", "p2", "p3"],
+        completions=[r"\boxed{1}", r"\boxed{2}", r"\boxed{4}"],
+        completion_ids=[[1], [2], [3]],
+        answer=["1", "3", "4"],
+        problem=["a", "b", "c"],
+        trainer_state=None,
+        log_extra=lambda column, values: None,
+        log_metric=lambda name, value: metrics.__setitem__(name, value),
+    )
+    assert rewards == [1.0, 0.0, 1.0]
+    assert metrics == {"math_reward/timeout_frac": 0.0}
+    assert verifier_stats() == VerifierStats(calls=3, timeouts=0, errors=0)
+
+
+def test_verify_answer():
+    assert verify_answer(r"\boxed{\frac{6}{8}}", "0.75") is True  # 6/8 = 3/4
+    assert verify_answer(r"\boxed{0.7}", "0.75") is False  # 0.7 != 0.75
+
+
+def test_find_unparseable_gold():
+    answers = ["3", r"\frac{1}{", "", r"\sqrt{2}", "(0, 1]", "}{"]
+    # unbalanced \frac, empty, and a lone "}{" cannot be parsed into a math object
+    assert find_unparseable_gold(answers) == [(1, r"\frac{1}{"), (2, ""), (5, "}{")]
+    assert find_unparseable_gold([]) == []
+
+
+def test_name_and_pickle():
+    assert math_reward.__name__ == "math_reward"
+    custom = make_math_reward(timeout=2.0, name="math_acc")
+    assert custom.__name__ == "math_acc"
+    clone = pickle.loads(pickle.dumps(custom))
+    assert clone.__name__ == "math_acc" and clone.timeout == 2.0
+    assert clone([r"\boxed{2}"], answer=["2"]) == [1.0]
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="2 completions but 1 gold"):
+        math_reward([r"\boxed{1}", r"\boxed{2}"], answer=["1"])
+    with pytest.raises(TypeError, match="gold answer 0 is a int"):
+        math_reward([r"\boxed{1}"], answer=[1])
+    with pytest.raises(TypeError, match="completion 0 is a int"):
+        math_reward([7], answer=["7"])
+    with pytest.raises(ValueError, match="no assistant message"):
+        math_reward([[{"role": "user", "content": "hi"}]], answer=["7"])
+    with pytest.raises(TypeError, match="row 1"):
+        find_unparseable_gold(["1", None])
+    for bad in (0, -1.0, float("nan"), float("inf"), "5"):
+        with pytest.raises(ValueError, match="timeout"):
+            make_math_reward(timeout=bad)
+    with pytest.raises(ValueError, match="num_workers"):
+        make_math_reward(num_workers=0)
+    with pytest.raises(ValueError, match="max_chars"):
+        make_math_reward(max_chars=10)
+    with pytest.raises(ValueError, match="name"):
+        make_math_reward(name="math reward")
+    with pytest.raises(ValueError, match="timeout"):
+        verify_answer(r"\boxed{1}", "1", timeout=0)
+
+
+def test_long_completions_keep_their_answer():
+    filler = "Let us think about it some more. " * 40_000  # ~1.3 MB
+    # the box comes after a megabyte of reasoning
+    assert verify_answer(filler + r"so \boxed{17}.", "17") is True
+    # the box is followed by more text than max_chars: the region after the box is kept
+    assert verify_answer(r"We find \boxed{17}. " + filler, "17") is True
+    # several boxes in a long text: the last one still counts
+    assert verify_answer(r"\boxed{3} " + filler + r"\boxed{5}", "3") is False
+
+
+def test_pathological_inputs_are_bounded():
+    reward = make_math_reward(timeout=2.0)
+    completions = [
+        r"\boxed{9^{9^{9^{9}}}}",  # sympy would try to evaluate a number with ~10^369693099 digits
+        "\\boxed{" + "{" * 5000 + "1" + "}" * 5000 + "}",  # thousands of nested braces
+        "\\boxed{" * 5000,  # thousands of unclosed boxes
+        "x" * 3_000_000,  # megabytes of text without a box
+        "1/" * 200_000 + "1",  # a huge plain expression for the fallback extractor
+        "$" * 100_000 + "\\frac{" * 1000,  # unbalanced delimiters everywhere
+        "\x00\udcff\\boxed{\ud800}",  # NUL and lone surrogates
+    ]
+    start = time.monotonic()
+    rewards = reward(completions, answer=["1"] * len(completions))
+    elapsed = time.monotonic() - start
+    assert rewards == [0.0] * len(completions)  # none of them equals 1
+    assert elapsed < 30, f"pathological inputs took {elapsed:.1f} s"
+    stats = verifier_stats()
+    assert stats.calls == len(completions)
+
+
+def test_timeout_is_counted_and_logged(caplog):
+    metrics = {}
+    reward = make_math_reward(timeout=0.5, name="slow_math")
+    with caplog.at_level(logging.WARNING, logger="pacsrl.rewards.math"):
+        rewards = reward(
+            [r"\boxed{9^{9^{9^{9}}}}", r"\boxed{1}"],
+            answer=["1", "1"],
+            log_metric=lambda name, value: metrics.__setitem__(name, value),
+        )
+    assert rewards == [0.0, 1.0]  # the tower times out; the worker is replaced for the next completion
+    assert timeout_count() == 1
+    assert verifier_stats() == VerifierStats(calls=2, timeouts=1, errors=0)
+    assert metrics == {"slow_math/timeout_frac": 0.5}
+    assert any("timed out" in r.getMessage() for r in caplog.records)
+
+
+def test_threads():
+    cases = [(p.values[0], p.values[1], p.values[2]) for p in CASES[:24]]
+    with ThreadPoolExecutor(max_workers=4) as executor:
+        results = list(executor.map(lambda c: math_reward([c[0]], answer=[c[1]])[0], cases))
+    assert results == [c[2] for c in cases]
+    assert verifier_stats().calls == len(cases)
+
+
+def test_several_workers():
+    reward = make_math_reward(num_workers=2)
+    completions = [rf"\boxed{{{i}}}" for i in range(10)]
+    golds = [str(i if i % 2 else i + 1) for i in range(10)]  # odd rows right, even rows wrong
+    assert reward(completions, answer=golds) == [float(i % 2) for i in range(10)]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_child_gets_its_own_worker():
+    assert verify_answer(r"\boxed{2}", "2")  # start a worker in the parent
+    pid = os.fork()
+    if pid == 0:  # child: must not talk to the parent's worker
+        ok = verify_answer(r"\boxed{3}", "3") and not verify_answer(r"\boxed{3}", "4")
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert verify_answer(r"\boxed{2}", "2")  # the parent's worker still works
