@@ -47,7 +47,10 @@ _DIGIT_GROUP_COMMA = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 
 
 def gsm8k_final_answer(solution: Any) -> str:
-    """Extract GSM8K's gold: the text after ``####``, thousands separators removed (``#### 1,234`` -> ``1234``)."""
+    """Extract GSM8K's gold: the text after ``####``, thousands separators removed.
+
+    ``"...\\n#### 1,234"`` -> ``"1234"``; ``"#### -5"`` -> ``"-5"``.
+    """
     if not isinstance(solution, str) or "####" not in solution:
         raise ValueError(f"GSM8K answer has no '#### <final answer>' line: {solution!r}")
     final = solution.rsplit("####", 1)[1].strip()
@@ -153,7 +156,9 @@ def load_data_file(path: str | Path) -> datasets.Dataset:
     path = Path(path)
     builder = DATA_SUFFIXES.get(path.suffix.lower())
     if builder is None:
-        raise ValueError(f"cannot read {str(path)!r}: expected a file ending in one of {sorted(DATA_SUFFIXES)}")
+        raise ValueError(
+            f"cannot read {str(path)!r}: expected a file ending in one of {sorted(DATA_SUFFIXES)}"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist")
     return datasets.load_dataset(builder, data_files=str(path), split="train")
@@ -164,7 +169,11 @@ def _is_local(path: str) -> bool:
 
 
 def load_source(preparer: Preparer, path: str | None = None, split: str | None = None) -> datasets.Dataset:
-    """Load a preparer's raw rows: its hub id when ``path`` is None, else ``path`` (a local file or a hub id)."""
+    """Load a preparer's raw rows: from its hub id when ``path`` is None, else from ``path``.
+
+    ``path`` is a local parquet / jsonl / json file, or another hub id ``owner/name`` with the same columns
+    (used when no local file by that name exists and it has no data-file suffix).
+    """
     if path is not None and _is_local(path):
         if split is not None:
             raise ValueError(
@@ -209,7 +218,20 @@ def to_records(raw: datasets.Dataset, preparer: Preparer, *, origin: str) -> dat
         record.update({c: row[c] for c in extras})
         return record
 
-    return raw.map(convert, with_indices=True, remove_columns=found, desc=f"preparing {preparer.name}")
+    # explicit features: map would otherwise keep a source's int type for the "answer" and "id" it rewrites
+    features = datasets.Features(
+        {
+            "prompt": datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")}),
+            "answer": datasets.Value("string"),
+            "source": datasets.Value("string"),
+            "id": datasets.Value("string"),
+            "problem": datasets.Value("string"),
+            **{c: raw.features[c] for c in extras},
+        }
+    )
+    return raw.map(
+        convert, with_indices=True, remove_columns=found, features=features, desc=f"preparing {preparer.name}"
+    )
 
 
 def prepare_dataset(
@@ -260,7 +282,9 @@ def resolve_dataset(spec: str, *, limit: int | None = None, check: bool = True) 
     if sep and name in PREPARERS:
         return prepare_dataset(name, path, limit=limit, check=check)
     if sep and not Path(spec).exists():
-        raise ValueError(f"dataset spec {spec!r}: unknown dataset {name!r}; expected one of {sorted(PREPARERS)}")
+        raise ValueError(
+            f"dataset spec {spec!r}: unknown dataset {name!r}; expected one of {sorted(PREPARERS)}"
+        )
     if Path(spec).suffix.lower() not in DATA_SUFFIXES and not Path(spec).exists():
         raise ValueError(
             f"dataset spec {spec!r} is neither a dataset name ({sorted(PREPARERS)}), NAME=FILE, "

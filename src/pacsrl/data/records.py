@@ -26,6 +26,9 @@ INSTRUCTION = "Please reason step by step, and put your final answer within \\bo
 SCHEMA_COLUMNS: tuple[str, ...] = ("prompt", "answer", "source")
 """Columns every prepared dataset has; any others are optional and passed through to reward functions."""
 
+GYM_SOURCE_PREFIX = "gym:"
+"""``source`` prefix of reasoning-gym rows (``gym:<task>``), which are not verified by math-verify."""
+
 _MAX_LISTED = 10  # unparseable gold answers quoted in one log message
 
 
@@ -77,8 +80,22 @@ def check_gold(ds: datasets.Dataset) -> list[tuple[int, str]]:
 
 
 def report_unparseable_gold(ds: datasets.Dataset, label: str) -> list[tuple[int, str]]:
-    """Run :func:`check_gold` and log a warning listing the unparseable rows; return them."""
-    bad = check_gold(ds)
+    """Run :func:`check_gold` and log a warning listing the unparseable rows; return them.
+
+    Rows of reasoning-gym tasks (``source`` starting with ``gym:``) are skipped: their own scorer, not
+    math-verify, judges them, so a gold answer like ``"apple"`` is fine there.
+    """
+    if "source" in ds.column_names:
+        math_rows = [i for i, source in enumerate(ds["source"]) if not source.startswith(GYM_SOURCE_PREFIX)]
+    else:
+        math_rows = list(range(len(ds)))
+    if not math_rows:
+        logger.info("%s: reasoning-gym rows only, scored by their task's checker; gold not checked", label)
+        return []
+    if len(math_rows) < len(ds):
+        bad = [(math_rows[i], gold) for i, gold in check_gold(ds.select(math_rows))]
+    else:
+        bad = check_gold(ds)
     if bad:
         listed = ", ".join(f"row {i}: {gold!r}" for i, gold in bad[:_MAX_LISTED])
         more = f" (and {len(bad) - _MAX_LISTED} more)" if len(bad) > _MAX_LISTED else ""
@@ -86,10 +103,10 @@ def report_unparseable_gold(ds: datasets.Dataset, label: str) -> list[tuple[int,
             "%s: %d of %d gold answers cannot be parsed by math-verify and can never be rewarded: %s%s",
             label,
             len(bad),
-            len(ds),
+            len(math_rows),
             listed,
             more,
         )
     else:
-        logger.info("%s: all %d gold answers parse with math-verify", label, len(ds))
+        logger.info("%s: all %d gold answers parse with math-verify", label, len(math_rows))
     return bad
