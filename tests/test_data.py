@@ -425,6 +425,13 @@ def test_cli_errors(args, status, message, tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "o.parquet").exists()
 
 
+def test_cli_hub_unreachable_offline(tmp_path, capsys):
+    # HF_HUB_OFFLINE=1 (conftest): the hub load fails fast, and the error says how to work offline
+    assert pacsrl.cli.main(["prepare", "aime24", "--output", str(tmp_path / "o.parquet")]) == 1
+    err = capsys.readouterr().err
+    assert "HuggingFaceH4/aime_2024" in err and "--path FILE" in err
+
+
 def test_cli_wrong_file_lists_columns(tmp_path, capsys):
     path = write_rows([{"prompt": "x", "completion": "y"}], tmp_path / "w.jsonl")
     assert (

@@ -38,23 +38,34 @@ def build_parser() -> argparse.ArgumentParser:
         + "\n  gym:TASK    a reasoning-gym task, e.g. gym:basic_arithmetic (needs --size and --seed)",
     )
     parser.add_argument("name", help=f"one of {', '.join(PREPARERS)}, or gym:TASK")
-    parser.add_argument("--output", "-o", required=True, help="file to write: .parquet (or .jsonl)")
+    parser.add_argument(
+        "--output", "-o", metavar="FILE", required=True, help="file to write: .parquet (or .jsonl)"
+    )
     source = parser.add_argument_group("benchmarks")
     source.add_argument(
-        "--path", help="local parquet/jsonl/json file with the source's columns (default: the hub)"
+        "--path",
+        metavar="FILE",
+        help="local parquet/jsonl/json file with the source's columns (default: the hub)",
     )
-    source.add_argument("--split", help="hub split (default: the dataset's usual one, e.g. test for math500)")
-    source.add_argument("--limit", type=int, help="keep only the first N rows")
+    source.add_argument(
+        "--split", metavar="S", help="hub split (default: the dataset's usual one, e.g. test for math500)"
+    )
+    source.add_argument("--limit", metavar="N", type=int, help="keep only the first N rows")
     gym = parser.add_argument_group("reasoning-gym tasks")
-    gym.add_argument("--size", type=int, help="number of training problems to generate")
-    gym.add_argument("--seed", type=int, help="generator seed (same seed, same problems)")
+    gym.add_argument("--size", metavar="N", type=int, help="number of training problems to generate")
+    gym.add_argument("--seed", metavar="S", type=int, help="generator seed (same seed, same problems)")
     gym.add_argument(
-        "--eval-size", type=int, help="also write M held-out problems, disjoint from the training ones"
+        "--eval-size",
+        metavar="M",
+        type=int,
+        help="also write M held-out problems, disjoint from the training ones",
     )
     gym.add_argument(
-        "--eval-output", help="file for the held-out problems (default: OUTPUT with an _eval suffix)"
+        "--eval-output",
+        metavar="FILE",
+        help="file for the held-out problems (default: OUTPUT with an _eval suffix)",
     )
-    gym.add_argument("--config", help="task options as JSON, e.g. '{\"min_terms\": 2}'")
+    gym.add_argument("--config", metavar="JSON", help="task options as JSON, e.g. '{\"min_terms\": 2}'")
     parser.add_argument(
         "--strict", action="store_true", help="exit with status 1 if any gold answer is unparseable"
     )
@@ -111,18 +122,19 @@ def _prepare_gym(args: argparse.Namespace, out: Path) -> list[tuple[datasets.Dat
         if not isinstance(config, dict):
             raise UsageError(f"--config must be a JSON object, got {args.config!r}")
 
+    if args.eval_size is None and args.eval_output is not None:
+        raise UsageError("--eval-output needs --eval-size")
+    if args.eval_size is not None:
+        default_eval_out = out.with_name(f"{out.stem}_eval{out.suffix}")
+        eval_out = _check_output(args.eval_output) if args.eval_output else default_eval_out
+        if eval_out.resolve() == out.resolve():
+            raise UsageError(f"--eval-output {str(eval_out)!r} is the same file as --output")
+
     from pacsrl.data import gym  # imported only when asked for: reasoning-gym is slow to import
 
     if args.eval_size is None:
-        if args.eval_output is not None:
-            raise UsageError("--eval-output needs --eval-size")
         return [(gym.make_gym_dataset(task, size=args.size, seed=args.seed, config=config), out, args.name)]
     train, held_out = gym.make_gym_splits(task, args.size, args.eval_size, args.seed, config=config)
-    eval_out = (
-        _check_output(args.eval_output) if args.eval_output else out.with_name(f"{out.stem}_eval{out.suffix}")
-    )
-    if eval_out.resolve() == out.resolve():
-        raise UsageError(f"--eval-output {str(eval_out)!r} is the same file as --output")
     return [(train, out, f"{args.name} (train)"), (held_out, eval_out, f"{args.name} (eval)")]
 
 
@@ -153,13 +165,11 @@ def main(argv: list[str]) -> int:
         parser.print_usage(sys.stderr)
         print(f"pacsrl prepare: error: {err}", file=sys.stderr)
         return 2
-    except (
-        ValueError,
-        TypeError,
-        ImportError,
-        OSError,
-    ) as err:  # OSError covers missing files and no network
-        print(f"pacsrl prepare: error: {err}", file=sys.stderr)
+    except (ValueError, TypeError, ImportError, OSError) as err:  # OSError: missing files, no network
+        hint = ""
+        if isinstance(err, ConnectionError) and args.path is None:
+            hint = " (offline? download the source file elsewhere and pass it with --path FILE)"
+        print(f"pacsrl prepare: error: {err}{hint}", file=sys.stderr)
         return 1
 
     any_bad = False
