@@ -1,0 +1,451 @@
+"""Tests of pacsrl.eval: pass@k against independent computations, sampling, resumable runs, reports, CLI.
+
+Everything is offline: a char-level tokenizer and a tiny random Qwen2 are built in a fixture, and the
+datasets are small prepared files written here.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import struct
+import sys
+import textwrap
+from fractions import Fraction
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+
+from pacsrl.eval import (
+    EvalConfig,
+    compare_runs,
+    compute_metrics,
+    default_ks,
+    evaluate_model,
+    mean_at_n,
+    pass_at_k,
+    recompute,
+    run_eval,
+    sample_completions,
+)
+from pacsrl.eval.rollouts import read_rollouts
+from pacsrl.eval.sampling import HFSampler
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# Independent references
+
+
+def brute_force_pass_at_k(n: int, c: int, k: int) -> float:
+    """Fraction of the k-subsets of n samples (the first c correct) that hold a correct sample."""
+    subsets = list(itertools.combinations(range(n), k))
+    return sum(any(i < c for i in s) for s in subsets) / len(subsets)
+
+
+def exact_pass_at_k(n: int, c: int, k: int) -> Fraction:
+    """1 - C(n-c, k) / C(n, k) in exact rational arithmetic (math.comb(a, b) = 0 when b > a)."""
+    return 1 - Fraction(math.comb(n - c, k), math.comb(n, k))
+
+
+# --------------------------------------------------------------------------------------------------
+# pass@k
+
+
+def test_pass_at_k_hand_worked():
+    # n=4, c=1, k=2: C(3,2)/C(4,2) = 3/6 -> 1 - 1/2
+    assert pass_at_k(4, 1, 2) == pytest.approx(0.5, abs=1e-15)
+    # n=5, c=2, k=1: c/n
+    assert pass_at_k(5, 2, 1) == pytest.approx(0.4, abs=1e-15)
+    assert isinstance(pass_at_k(4, 1, 2), float)
+
+
+def test_pass_at_k_matches_brute_force_over_subsets():
+    for n in range(1, 9):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                assert pass_at_k(n, c, k) == pytest.approx(brute_force_pass_at_k(n, c, k), abs=1e-12), (n, c, k)
+
+
+@pytest.mark.parametrize("n", [16, 64, 100, 256])
+def test_pass_at_k_matches_exact_rationals(n):
+    ks = [k for k in (1, 2, 4, 8, 16, 32, 64, 100, 128, 256) if k <= n]
+    for c in sorted({0, 1, 2, 3, n // 7, n // 3, n // 2, n - 5, n - 1, n}):
+        for k in ks:
+            expected = float(exact_pass_at_k(n, c, k))
+            assert pass_at_k(n, c, k) == pytest.approx(expected, rel=1e-12, abs=1e-15), (n, c, k)
+
+
+def test_pass_at_k_large_n_is_finite_and_accurate():
+    # C(1024, 512) ~ 4.5e306 is at the edge of float64; the product form never builds it.
+    n = 1024
+    for c, k in [(1, 1), (1, 512), (3, 256), (10, 1024), (100, 32), (500, 512), (1, 1024), (0, 512)]:
+        got = pass_at_k(n, c, k)
+        assert math.isfinite(got)
+        assert got == pytest.approx(float(exact_pass_at_k(n, c, k)), rel=1e-11, abs=1e-15), (c, k)
+
+
+def test_pass_at_k_edge_cases():
+    assert pass_at_k(10, 0, 5) == 0.0  # no correct sample
+    assert pass_at_k(10, 10, 1) == 1.0  # all correct
+    assert pass_at_k(10, 7, 4) == 1.0  # n - c = 3 < k = 4: every 4-subset holds a correct sample
+    assert pass_at_k(10, 7, 3) < 1.0  # n - c = 3 = k: one subset of all-wrong samples
+    assert pass_at_k(1, 1, 1) == 1.0 and pass_at_k(1, 0, 1) == 0.0
+
+
+def test_pass_at_k_vectorised_matches_scalar():
+    rng = np.random.default_rng(0)
+    n = rng.integers(4, 300, size=50)
+    c = np.array([rng.integers(0, m + 1) for m in n])
+    got = pass_at_k(n, c, 4)
+    assert isinstance(got, np.ndarray) and got.shape == (50,)
+    np.testing.assert_allclose(got, [float(exact_pass_at_k(int(a), int(b), 4)) for a, b in zip(n, c)], rtol=1e-12)
+    # k broadcast as an array too
+    np.testing.assert_allclose(pass_at_k(8, 2, np.array([1, 2, 8])), [0.25, 1 - 15 / 28, 1.0], rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("n", "c", "k", "match"),
+    [
+        (4, 1, 5, r"k must be <= n.*n=4, c=1, k=5"),
+        (4, 5, 2, r"c \(correct samples\) must be <= n.*n=4, c=5"),
+        (4, -1, 2, r"c must be >= 0.*c=-1"),
+        (-3, 0, 1, r"n must be >= 1.*n=-3"),
+        (4, 1, 0, r"k must be >= 1.*k=0"),
+        (4, 1.5, 2, r"c must hold whole numbers"),
+        (np.array([4, 8]), np.array([1, 9]), 2, r"c \(correct samples\) must be <= n.*n=8, c=9.*index 1"),
+    ],
+)
+def test_pass_at_k_errors_name_the_values(n, c, k, match):
+    with pytest.raises(ValueError, match=match):
+        pass_at_k(n, c, k)
+
+
+def test_mean_at_n_and_default_ks():
+    assert mean_at_n([4, 4, 2], [1, 4, 0]) == pytest.approx((0.25 + 1 + 0) / 3)
+    assert default_ks(1) == [1]
+    assert default_ks(32) == [1, 2, 4, 8, 16, 32]
+    assert default_ks(12) == [1, 2, 4, 8, 12]
+
+
+def test_compute_metrics_per_source_and_overall():
+    records = [
+        {"source": "a", "scores": [1, 0, 0, 0]},  # pass@1 = 1/4, pass@2 = 1/2
+        {"source": "a", "scores": [1, 1, 1, 1]},  # 1, 1
+        {"source": "b", "scores": [0, 0, 0, 0]},  # 0, 0
+    ]
+    m = compute_metrics(records, ks=[1, 2])
+    assert m["sources"]["a"]["pass@1"] == pytest.approx(0.625)
+    assert m["sources"]["a"]["pass@2"] == pytest.approx(0.75)
+    assert m["sources"]["b"]["pass@2"] == 0.0
+    assert m["all"]["pass@1"] == pytest.approx(1.25 / 3)  # micro-average over the 3 problems
+    assert m["all"]["mean@n"] == pytest.approx(m["all"]["pass@1"])
+    with pytest.raises(ValueError, match=r"every k must be in \[1, 4\]"):
+        compute_metrics(records, ks=[8])
+
+
+# --------------------------------------------------------------------------------------------------
+# Fixtures: a tiny model, its tokenizer, small prepared datasets, a pluggable scorer
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    import string
+
+    import torch
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    specials = ["<pad>", "</s>", "<unk>"]
+    chars = [ch for ch in string.printable if ch not in "\t\n\r\x0b\x0c"]
+    vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    tokenizer.chat_template = (
+        "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}[assistant]{% endif %}"
+    )
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=128, pad_token_id=0, eos_token_id=1, bos_token_id=1,
+    )
+    model = Qwen2ForCausalLM(config)
+    path = tmp_path_factory.mktemp("tiny_model")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def _problem(question: str, answer: str, source: str) -> dict:
+    return {"prompt": [{"role": "user", "content": question}], "answer": answer, "source": source, "level": 1}
+
+
+PROBLEMS = [
+    _problem("1+1?", "2", "alpha"),
+    _problem("2+2?", "4", "alpha"),
+    _problem("3+3?", "6", "alpha"),
+    _problem("x=1, x?", "1", "beta"),
+    _problem("y=7, y?", "7", "beta"),
+]
+
+
+@pytest.fixture
+def dataset_file(tmp_path) -> Path:
+    path = tmp_path / "tiny.parquet"
+    datasets.Dataset.from_list(PROBLEMS).to_parquet(str(path))
+    return path
+
+
+def parity_reward(completions, answer, **kwargs):
+    """A deterministic stand-in for a verifier: 1.0 when the first character has an even code point."""
+    assert len(answer) == len(completions) and kwargs["source"] and kwargs["level"] == [1] * len(answer)
+    texts = [c[-1]["content"] for c in completions]
+    return [float(bool(t) and ord(t[0]) % 2 == 0) for t in texts]
+
+
+class CountingSampler:
+    """Wraps a sampler and records every prompt it is asked to sample."""
+
+    def __init__(self, inner):
+        self.inner, self.prompts = inner, []
+
+    def __call__(self, prompts, n, *, seed=None):
+        self.prompts += [p[0]["content"] for p in prompts]
+        return self.inner(prompts, n, seed=seed)
+
+
+def independent_metrics(rollouts: Path, ks: list[int]) -> dict:
+    """pass@k per source and overall from rollouts.jsonl, with exact rationals (no pacsrl code)."""
+    groups: dict[str, list[tuple[int, int]]] = {}
+    for line in rollouts.read_text().splitlines():
+        record = json.loads(line)
+        n, c = len(record["scores"]), sum(s >= 1.0 for s in record["scores"])
+        groups.setdefault(record["source"], []).append((n, c))
+        groups.setdefault("all", []).append((n, c))
+    return {
+        name: {k: float(sum(exact_pass_at_k(n, c, k) for n, c in nc) / len(nc)) for k in ks}
+        for name, nc in groups.items()
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def test_sample_completions_shapes_modes_and_seeds(tiny_model):
+    model, tokenizer = tiny_model
+    prompts = [p["prompt"] for p in PROBLEMS[:3]]
+    model.train()
+    out = sample_completions(model, tokenizer, prompts, 3, max_new_tokens=4, batch_size=4, seed=1, progress=False)
+    assert model.training  # the caller's mode is restored
+    assert len(out) == 3 and all(len(s) == 3 and all(isinstance(t, str) for t in s) for s in out)
+    assert any(t for s in out for t in s)
+    again = sample_completions(model, tokenizer, prompts, 3, max_new_tokens=4, batch_size=5, seed=1, progress=False)
+    # batch composition changes the random stream, so only shapes must agree; the same batching must reproduce
+    assert [len(s) for s in again] == [3, 3, 3]
+    same = sample_completions(model, tokenizer, prompts, 3, max_new_tokens=4, batch_size=4, seed=1, progress=False)
+    assert same == out
+    greedy = sample_completions(model, tokenizer, prompts, 2, temperature=0, max_new_tokens=4, progress=False)
+    assert all(s[0] == s[1] for s in greedy)
+    # greedy must match an independent argmax decode of the first prompt
+    import torch
+
+    text = tokenizer.apply_chat_template(prompts[0], add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        for _ in range(4):
+            next_id = model(ids).logits[0, -1].argmax()
+            if next_id.item() == tokenizer.eos_token_id:
+                break
+            ids = torch.cat([ids, next_id.view(1, 1)], dim=1)
+    expected = tokenizer.decode(ids[0, len(tokenizer(text, add_special_tokens=False)["input_ids"]) :], skip_special_tokens=True)
+    assert greedy[0][0] == expected
+
+
+def test_evaluate_model_in_memory_writes_nothing(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model, tokenizer = tiny_model
+    result = evaluate_model(
+        model, tokenizer, PROBLEMS, n=4, max_new_tokens=3, batch_size=8, reward_fn=parity_reward, progress=False
+    )
+    assert list(tmp_path.iterdir()) == []
+    assert result.metrics["ks"] == [1, 2, 4]
+    assert set(result.metrics["sources"]) == {"alpha", "beta"}
+    for r in result.records:
+        assert len(r["completions"]) == 4 and r["num_correct"] == sum(s == 1.0 for s in r["scores"])
+        assert r["scores"] == parity_reward([[{"content": t}] for t in r["completions"]], [r["answer"]] * 4,
+                                             source=[r["source"]] * 4, level=[1] * 4)
+    assert "| alpha | model | 3 | 4 |" in result.table
+
+
+# --------------------------------------------------------------------------------------------------
+# Runs on disk
+
+
+def _config(model_dir, out, **overrides) -> EvalConfig:
+    settings = dict(model=str(model_dir), n=4, max_new_tokens=3, batch_size=8, output=str(out), backend="hf")
+    return EvalConfig(**{**settings, **overrides})
+
+
+def test_run_eval_end_to_end_writes_all_files(tiny_model_dir, dataset_file, tmp_path):
+    out = tmp_path / "run"
+    config = _config(tiny_model_dir, out, datasets=[str(dataset_file)], n=6, k=[1, 2, 3, 6])
+    result = run_eval(config, reward_fn=parity_reward, progress=False)
+    for name in ("rollouts.jsonl", "metrics.json", "metrics.md", "pass_at_k.png", "settings.json"):
+        assert (out / name).is_file(), name
+    lines = (out / "rollouts.jsonl").read_text().splitlines()
+    assert len(lines) == len(PROBLEMS)
+    record = json.loads(lines[0])
+    assert record["prompt"] == PROBLEMS[0]["prompt"] and record["answer"] == "2" and record["source"] == "alpha"
+    assert len(record["completions"]) == len(record["scores"]) == 6 and record["columns"] == {"level": 1}
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    expected = independent_metrics(out / "rollouts.jsonl", [1, 2, 3, 6])
+    for group, values in expected.items():
+        got = metrics["all"] if group == "all" else metrics["sources"][group]
+        for k, value in values.items():
+            assert got[f"pass@{k}"] == pytest.approx(value, abs=1e-12), (group, k)
+    assert metrics["sources"]["alpha"]["num_problems"] == 3 and metrics["all"]["n"] == 6
+    assert (out / "pass_at_k.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert (out / "metrics.md").read_text() == result.table
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["n"] == 6 and settings["temperature"] == 0.6 and settings["backend_used"] == "hf"
+
+
+def test_resume_after_crash_skips_finished_problems(tiny_model, tmp_path):
+    model, tokenizer = tiny_model
+    out = tmp_path / "run"
+    config = _config("tiny", out, chunk_size=1)
+    first = CountingSampler(HFSampler(model, tokenizer, max_new_tokens=3, progress=False))
+    run_eval(config, dataset=PROBLEMS, sampler=first, reward_fn=parity_reward, progress=False)
+    assert len(first.prompts) == 5
+    full = (out / "rollouts.jsonl").read_text().splitlines(keepends=True)
+
+    # simulate a crash after m=2 problems, in the middle of writing the third line
+    m = 2
+    (out / "rollouts.jsonl").write_text("".join(full[:m]) + full[m][: len(full[m]) // 2])
+    second = CountingSampler(HFSampler(model, tokenizer, max_new_tokens=3, progress=False))
+    result = run_eval(config, dataset=PROBLEMS, sampler=second, reward_fn=parity_reward, progress=False)
+    assert second.prompts == [p["prompt"][0]["content"] for p in PROBLEMS[m:]]
+    text = (out / "rollouts.jsonl").read_text()
+    lines = text.splitlines(keepends=True)
+    assert text.endswith("\n") and lines[:m] == full[:m]  # finished lines kept byte for byte
+    ids = [json.loads(line)["id"] for line in lines]
+    assert len(ids) == len(set(ids)) == len(PROBLEMS) == len(result.records)
+    assert result.metrics["all"]["num_problems"] == len(PROBLEMS)
+
+    # a complete run resumes to nothing
+    third = CountingSampler(HFSampler(model, tokenizer, max_new_tokens=3, progress=False))
+    run_eval(config, dataset=PROBLEMS, sampler=third, reward_fn=parity_reward, progress=False)
+    assert third.prompts == [] and (out / "rollouts.jsonl").read_text() == text
+
+
+def test_resume_refuses_other_settings_unless_overwrite(tiny_model, tmp_path):
+    model, tokenizer = tiny_model
+    out = tmp_path / "run"
+    sampler = HFSampler(model, tokenizer, max_new_tokens=3, progress=False)
+    run_eval(_config("tiny", out), dataset=PROBLEMS[:2], sampler=sampler, reward_fn=parity_reward, progress=False)
+    with pytest.raises(ValueError, match=r"temperature: 0.6 in the folder, 1.0 now.*--overwrite"):
+        run_eval(_config("tiny", out, temperature=1.0), dataset=PROBLEMS, sampler=sampler, reward_fn=parity_reward)
+    counting = CountingSampler(sampler)
+    result = run_eval(
+        _config("tiny", out, temperature=1.0, overwrite=True), dataset=PROBLEMS, sampler=counting,
+        reward_fn=parity_reward, progress=False,
+    )
+    assert len(counting.prompts) == len(PROBLEMS) == len(result.records)
+    assert json.loads((out / "settings.json").read_text())["temperature"] == 1.0
+
+
+def test_read_rollouts_rejects_corruption_that_no_crash_makes(tmp_path):
+    good = {"id": "a", "source": "s", "prompt": "p", "answer": "1", "completions": ["x"], "scores": [1.0]}
+    path = tmp_path / "rollouts.jsonl"
+    path.write_text(json.dumps(good) + "\n{broken\n" + json.dumps({**good, "id": "b"}) + "\n")
+    with pytest.raises(ValueError, match=r"rollouts.jsonl:2: not a complete rollout record"):
+        read_rollouts(path)
+    path.write_text(json.dumps(good) + "\n" + json.dumps(good) + "\n")
+    with pytest.raises(ValueError, match=r"rollouts.jsonl:2: problem id 'a' already on line 1"):
+        read_rollouts(path)
+
+
+def test_recompute_with_new_ks_and_rescore_with_the_math_verifier(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    prompt = [{"role": "user", "content": "1+1?"}]
+    record = {"id": "p1", "source": "alpha", "prompt": prompt, "answer": "2", "columns": {},
+              "completions": ["so \\boxed{2}", "\\boxed{3}", "it is \\boxed{2}", "no idea"],
+              "scores": [0.0, 0.0, 0.0, 0.0]}  # scores of a broken scorer; the verifier says 1, 0, 1, 0
+    (run_dir / "rollouts.jsonl").write_text(json.dumps(record) + "\n")
+    (run_dir / "settings.json").write_text(json.dumps({"model": "m", "reward": "math", "n": 4}))
+    assert recompute(run_dir, ks=[1, 4]).metrics["all"]["pass@4"] == 0.0
+    result = recompute(run_dir, ks=[1, 2, 4], rescore=True)
+    assert read_rollouts(run_dir / "rollouts.jsonl")[0]["scores"] == [1.0, 0.0, 1.0, 0.0]
+    assert result.metrics["all"]["pass@1"] == pytest.approx(0.5)
+    assert result.metrics["all"]["pass@2"] == pytest.approx(1 - 1 / 6)  # 1 - C(2,2)/C(4,2)
+    assert json.loads((run_dir / "metrics.json").read_text())["ks"] == [1, 2, 4]
+
+
+def test_compare_plot_has_one_line_per_model(tiny_model, tmp_path):
+    model, tokenizer = tiny_model
+    sampler = HFSampler(model, tokenizer, max_new_tokens=3, progress=False)
+    dirs = []
+    for name, temperature in [("cold", 0.3), ("hot", 1.5), ("greedy", 0.0)]:
+        dirs.append(tmp_path / name)
+        config = _config("tiny", dirs[-1], name=name, temperature=temperature)
+        run_eval(config, dataset=PROBLEMS, sampler=sampler, reward_fn=parity_reward, progress=False)
+    table, fig, results = compare_runs(dirs, output=tmp_path / "cmp")
+    visible = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in visible] == ["alpha", "beta"]
+    for ax in visible:
+        assert len(ax.get_lines()) == 3
+        assert [tuple(line.get_xdata()) for line in ax.get_lines()] == [(1, 2, 4)] * 3
+    assert (tmp_path / "cmp" / "comparison.png").read_bytes()[:8] == PNG_SIGNATURE
+    for r in results:  # the plotted values are the table's numbers
+        assert f"| alpha | {r.name} | 3 | 4 | {100 * r.metrics['sources']['alpha']['pass@1']:.2f} |" in table
+    assert table.count("| all |") == 3
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+
+
+def test_cli_eval_recompute_compare(tiny_model_dir, dataset_file, tmp_path, monkeypatch, capsys):
+    from pacsrl.cli import main
+
+    (tmp_path / "my_scorers.py").write_text(textwrap.dedent("""
+        def first_char_even(completions, answer, **kwargs):
+            return [float(bool(c[-1]["content"]) and ord(c[-1]["content"][0]) % 2 == 0) for c in completions]
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "cli_run"
+    argv = ["eval", "--model", str(tiny_model_dir), "--datasets", str(dataset_file), "--n", "4",
+            "--max-new-tokens", "3", "--backend", "hf", "--output", str(out), "--reward", "my_scorers:first_char_even"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| benchmark | model | problems | n | pass@1 | pass@2 | pass@4 |" in printed and str(out) in printed
+    assert printed.split("\n\n")[0] + "\n" == (out / "metrics.md").read_text()
+    assert main(argv) == 0  # resumes: nothing left to sample
+
+    assert main(["eval", "--recompute", str(out), "--k", "1,3"]) == 0
+    assert "pass@3" in capsys.readouterr().out
+    assert json.loads((out / "metrics.json").read_text())["ks"] == [1, 3]
+
+    assert main(["eval", "--compare", str(out), str(out), "--output", str(tmp_path / "cmp")]) == 0
+    assert (tmp_path / "cmp" / "comparison.md").is_file()
+    with pytest.raises(SystemExit):
+        main(["eval", "--model", str(tiny_model_dir), "--datasets", str(dataset_file), "--top-p", "0"])
+    assert "top_p=0.0 must be in (0, 1]" in capsys.readouterr().err
+    del sys.modules["my_scorers"]
