@@ -3,8 +3,25 @@
 PACS (arXiv 2509.02522) turns the verifier's outcome reward into a label and trains the policy by
 binary cross-entropy on an implicit reward computed from the policy's own log-probabilities, centred
 within each group of sampled answers. See ``pacsrl.objective`` for the math.
+
+``PACSTrainer`` and ``PACSConfig`` are imported lazily so that ``import pacsrl`` (and the objective,
+verifier and evaluation modules) stay light.
 """
+
+from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = ["__version__", "PACSConfig", "PACSTrainer"]
+
+
+def __getattr__(name: str):
+    if name == "PACSConfig":
+        from pacsrl.config import PACSConfig
+
+        return PACSConfig
+    if name == "PACSTrainer":
+        from pacsrl.trainer import PACSTrainer
+
+        return PACSTrainer
+    raise AttributeError(f"module 'pacsrl' has no attribute {name!r}")

@@ -50,6 +50,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  critic sigma(psi)             {fmt(torch.sigmoid(psi.detach()))}")
     print(f"  class weights w               {fmt(w)}")
     print(f"  loss (1/N) sum w BCE(psi, R)  {loss.item():.6f}")
-    print(f"  dL/dS per completion          {fmt(logps.grad.sum(dim=1) / mask.sum(dim=1))}  (per token)")
+    print(f"  dL/d log pi, each token       {fmt(logps.grad[:, 0])}")
     print(f"  on-policy advantage A_k       {fmt(adv)}  (gradient at pi = pi_ref is -(beta/N) A_k)")
     return 0
