@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+import pacsrl.rewards.math as math_module
 from pacsrl.rewards import (
     VerifierStats,
     find_unparseable_gold,
@@ -30,6 +31,8 @@ CORRECTED = (
     r"carefully from the start. Now \boxed{5}."
 )
 
+PARTS = [{"type": "text", "text": r"\boxed{"}, {"type": "text", "text": "9}"}]
+
 # (completion, gold, expected reward)
 CASES = [
     # integers
@@ -41,7 +44,7 @@ CASES = [
     pytest.param(r"\boxed{2^{10}}", "1024", 1.0, id="int-power"),  # 2^10 = 1024
     # fractions
     pytest.param(r"\boxed{\frac{1}{2}}", r"\frac{1}{2}", 1.0, id="frac-equal"),  # same fraction
-    pytest.param(r"\boxed{\dfrac{3}{4}}", r"\frac{3}{4}", 1.0, id="dfrac-vs-frac"),  # \dfrac is display-style \frac
+    pytest.param(r"\boxed{\dfrac{3}{4}}", r"\frac{3}{4}", 1.0, id="dfrac-vs-frac"),  # \dfrac = \frac
     pytest.param(r"\boxed{3/4}", r"\frac{3}{4}", 1.0, id="slash-vs-frac"),  # 3/4 = 3/4
     pytest.param(r"\boxed{\frac{2}{4}}", r"\frac{1}{2}", 1.0, id="frac-unreduced"),  # 2/4 = 1/2
     pytest.param(r"\boxed{\frac12}", r"\frac{1}{2}", 1.0, id="frac-no-braces"),  # \frac12 is \frac{1}{2}
@@ -79,25 +82,25 @@ CASES = [
     pytest.param(r"\boxed{x+1}", "x-1", 0.0, id="expr-wrong-sign"),  # differs by 2
     # square roots
     pytest.param(r"\boxed{\sqrt{8}}", r"2\sqrt{2}", 1.0, id="sqrt-simplify"),  # sqrt(8) = 2 sqrt(2)
-    pytest.param(r"\boxed{\frac{\sqrt{2}}{2}}", r"\frac{1}{\sqrt{2}}", 1.0, id="sqrt-rationalized"),  # sqrt2/2 = 1/sqrt2
+    pytest.param(r"\boxed{\frac{\sqrt{2}}{2}}", r"\frac{1}{\sqrt{2}}", 1.0, id="sqrt-rational"),  # = 1/sqrt2
     pytest.param(r"\boxed{\sqrt{3}}", r"\sqrt{2}", 0.0, id="sqrt-wrong"),  # sqrt3 != sqrt2
     # pi
     pytest.param(r"\boxed{2\pi}", r"2\pi", 1.0, id="pi-equal"),  # same
     pytest.param(r"\boxed{\pi/2}", r"\frac{\pi}{2}", 1.0, id="pi-slash"),  # pi/2 = \frac{\pi}{2}
     pytest.param(r"\boxed{3.14}", r"\pi", 0.0, id="pi-approximation"),  # 3.14 != pi
     # text around the box
-    pytest.param(r"Adding gives 5, so the answer is $\boxed{12}$.", "12", 1.0, id="text-inline-math"),  # box in $..$
-    pytest.param("We get \\boxed{12}.\nThis is because 3 * 4 = 12 and 7 is odd.", "12", 1.0, id="text-after-box"),
+    pytest.param(r"Adding gives 5, so it is $\boxed{12}$.", "12", 1.0, id="text-inline-math"),  # box in $..$
+    pytest.param("We get \\boxed{12}.\nBecause 3 * 4 = 12 and 7 is odd.", "12", 1.0, id="text-after-box"),
     # ^ numbers after the box do not override it
     # several boxes: the last one counts
     pytest.param(CORRECTED, "5", 1.0, id="boxes-last-right"),  # the final answer is 5
     pytest.param(CORRECTED, "3", 0.0, id="boxes-earlier-right"),  # 3 was retracted
     # boxes listed together (",", "and", "or" within 70 characters) are one answer, as math-verify reads them:
-    pytest.param(r"It is \boxed{3} or \boxed{5}.", "5", 0.0, id="boxes-hedging"),  # "3 or 5" is not the value 5
-    pytest.param(r"$x = \boxed{2}$ and $x = \boxed{-3}$", r"\{-3, 2\}", 1.0, id="boxes-listing-roots"),  # {2,-3}
+    pytest.param(r"It is \boxed{3} or \boxed{5}.", "5", 0.0, id="boxes-hedging"),  # "3 or 5" is not 5
+    pytest.param(r"$x = \boxed{2}$ and $x = \boxed{-3}$", r"\{-3, 2\}", 1.0, id="boxes-roots"),  # {2,-3}
     # no box: math-verify's fallbacks
     pytest.param("The answer is 7.", "7", 1.0, id="nobox-answer-is"),  # "answer is" anchor
-    pytest.param(r"So the final answer is $\frac{1}{2}$", r"\frac{1}{2}", 1.0, id="nobox-latex"),  # latex anchor
+    pytest.param(r"So the final answer is $\frac{1}{2}$", r"\frac{1}{2}", 1.0, id="nobox-latex"),  # $...$
     pytest.param("I do not know.", "7", 0.0, id="nobox-no-answer"),  # nothing to extract
     # empty completions
     pytest.param("", "7", 0.0, id="empty"),  # nothing to extract
@@ -106,8 +109,9 @@ CASES = [
     # other notations
     pytest.param(r"\boxed{10\%}", r"10\%", 1.0, id="percent"),  # same percentage
     pytest.param(r"\boxed{\infty}", r"\infty", 1.0, id="infinity"),  # same
-    pytest.param(r"\boxed{\begin{pmatrix} 1 \\ 2 \end{pmatrix}}", r"\begin{pmatrix}1\\2\end{pmatrix}", 1.0, id="vector"),
-    # ^ same column vector
+    pytest.param(
+        r"\boxed{\begin{pmatrix} 1 \\ 2 \end{pmatrix}}", r"\begin{pmatrix}1\\2\end{pmatrix}", 1.0, id="vector"
+    ),  # same column vector
     # conversational completions: the last assistant message counts
     pytest.param([{"role": "assistant", "content": r"so \boxed{6}"}], "6", 1.0, id="chat-single"),  # 6 = 6
     pytest.param(
@@ -127,7 +131,7 @@ CASES = [
         id="chat-last-assistant",  # the last assistant message says 5
     ),
     pytest.param(
-        [{"role": "assistant", "content": [{"type": "text", "text": r"\boxed{"}, {"type": "text", "text": "9}"}]}],
+        [{"role": "assistant", "content": PARTS}],
         "9",
         1.0,
         id="chat-content-parts",  # text parts joined: \boxed{9}
@@ -248,7 +252,7 @@ def test_pathological_inputs_are_bounded():
 
 def test_timeout_is_counted_and_logged(caplog):
     metrics = {}
-    reward = make_math_reward(timeout=0.5, name="slow_math")
+    reward = make_math_reward(timeout=1.0, name="slow_math")
     with caplog.at_level(logging.WARNING, logger="pacsrl.rewards.math"):
         rewards = reward(
             [r"\boxed{9^{9^{9^{9}}}}", r"\boxed{1}"],
@@ -287,3 +291,28 @@ def test_forked_child_gets_its_own_worker():
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert verify_answer(r"\boxed{2}", "2")  # the parent's worker still works
+
+
+def test_worker_killed_while_idle_is_replaced():
+    assert verify_answer(r"\boxed{2}", "2")  # make sure an idle worker exists
+    pool = math_module._get_pool(1)
+    for worker in pool._idle:
+        worker.proc.kill()
+        worker.proc.wait()
+    # a worker that died between jobs is replaced; the job is not charged for it
+    assert verify_answer(r"\boxed{2}", "2")
+    assert verifier_stats() == VerifierStats(calls=2, timeouts=0, errors=0)
+
+
+def test_worker_dying_mid_job_scores_zero_and_is_counted(monkeypatch, caplog):
+    def die(self, message, timeout):
+        self.proc.kill()
+        raise math_module._WorkerDied("killed by the test")
+
+    monkeypatch.setattr(math_module._Worker, "request", die)
+    with caplog.at_level(logging.WARNING, logger="pacsrl.rewards.math"):
+        assert math_reward([r"\boxed{2}"], answer=["2"]) == [0.0]
+    assert verifier_stats() == VerifierStats(calls=1, timeouts=0, errors=1)
+    assert any("worker died" in r.getMessage() for r in caplog.records)
+    monkeypatch.undo()
+    assert math_reward([r"\boxed{2}"], answer=["2"]) == [1.0]  # a fresh worker takes over

@@ -27,6 +27,7 @@ from functools import lru_cache
 from typing import Any, BinaryIO
 
 HEADER = struct.Struct(">I")
+MEMORY_LIMIT_BYTES = 8 * 1024**3
 
 
 def write_message(stream: BinaryIO, message: dict[str, Any]) -> None:
@@ -85,10 +86,26 @@ def main() -> None:
         if request["op"] == "gold":
             return {"ok": any(isinstance(g, (Basic, MatrixBase)) for g in gold)}
         pred = parse(
-            request["pred"], extraction_config=pred_config, extraction_mode="first_match", parsing_timeout=None
+            request["pred"],
+            extraction_config=pred_config,
+            extraction_mode="first_match",
+            parsing_timeout=None,
         )
         return {"ok": bool(verify(gold, pred, timeout_seconds=None))}
 
+    # Cap the address space so that a runaway job fails with MemoryError (scored 0.0) instead of
+    # swapping the training node; best effort, where the platform supports it.
+    try:
+        import resource
+
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT_BYTES, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+    # Warm up (regex compilation, ANTLR and SymPy lazy imports) before reporting ready, so that the first
+    # real job's deadline is not spent on it.
+    handle({"op": "verify", "pred": "\\boxed{\\frac{1}{2}}", "gold": "0.5"})
     write_message(channel, {"ready": True})
     while (request := read_message(requests)) is not None:
         try:

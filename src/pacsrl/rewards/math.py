@@ -12,6 +12,7 @@ function also reports the fraction per batch through TRL's ``log_metric`` hook.
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import math
 import os
@@ -20,10 +21,10 @@ import subprocess
 import sys
 import threading
 import time
-import weakref
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from pacsrl.rewards._worker import HEADER, write_message
 
@@ -74,6 +75,9 @@ class _StatsCounter:
     def reset(self) -> None:
         with self._lock:
             self._stats = VerifierStats()
+
+    def after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()
 
 
 _STATS = _StatsCounter()
@@ -138,8 +142,6 @@ class _Worker:
         return self._receive(time.monotonic() + timeout)
 
     def _receive(self, deadline: float) -> dict[str, Any]:
-        import json
-
         header = self._read_exact(HEADER.size, deadline)
         return json.loads(self._read_exact(HEADER.unpack(header)[0], deadline))
 
@@ -203,8 +205,12 @@ class _WorkerPool:
         with self._cond:
             while not self._idle and self._live >= self.size:
                 self._cond.wait()
-            if self._idle:
-                return self._idle.pop()
+            while self._idle:
+                worker = self._idle.pop()
+                if worker.proc.poll() is None:
+                    return worker
+                worker.kill()  # died while idle (e.g. killed from outside): replace it, not the job's fault
+                self._live -= 1
             self._live += 1
         try:
             return _Worker()
@@ -265,8 +271,10 @@ def _get_pool(num_workers: int) -> _WorkerPool:
 
 
 def _after_fork_in_child() -> None:
+    # Another thread may have held these locks at the fork; the child gets fresh ones.
     global _POOLS_LOCK
     _POOLS_LOCK = threading.Lock()
+    _STATS.after_fork_in_child()
     for pool in _POOLS.values():
         pool.after_fork_in_child()
 
@@ -307,7 +315,11 @@ def _answer_region(text: str, max_chars: int) -> str:
     return text[start : start + max_chars]
 
 
-def _check(pool: _WorkerPool, message: dict[str, Any], timeout: float, what: str) -> bool:
+Outcome = Literal["ok", "timeout", "error"]
+
+
+def _check(pool: _WorkerPool, message: dict[str, Any], timeout: float, what: str) -> tuple[bool, Outcome]:
+    """Run one job; (answer, outcome). Timeouts and errors answer False and are counted and logged."""
     response = pool.run(message, timeout)
     if response is None:
         stats = _STATS.add(calls=1, timeouts=1)
@@ -318,7 +330,7 @@ def _check(pool: _WorkerPool, message: dict[str, Any], timeout: float, what: str
             stats.timeouts,
             stats.calls,
         )
-        return False
+        return False, "timeout"
     if "error" in response:
         stats = _STATS.add(calls=1, errors=1)
         logger.warning(
@@ -328,16 +340,16 @@ def _check(pool: _WorkerPool, message: dict[str, Any], timeout: float, what: str
             stats.errors,
             stats.calls,
         )
-        return False
+        return False, "error"
     _STATS.add(calls=1)
-    return bool(response["ok"])
+    return bool(response["ok"]), "ok"
 
 
 def _short(text: str, n: int = 80) -> str:
     return repr(text if len(text) <= n else "..." + text[-n:])
 
 
-def _verify(text: str, gold: str, timeout: float, max_chars: int, pool: _WorkerPool) -> bool:
+def _verify(text: str, gold: str, timeout: float, max_chars: int, pool: _WorkerPool) -> tuple[bool, Outcome]:
     pred = _answer_region(text, max_chars)
     message = {"op": "verify", "pred": pred, "gold": gold}
     return _check(pool, message, timeout, f"completion {_short(pred)} against gold {_short(gold)}")
@@ -351,9 +363,10 @@ def verify_answer(completion_text: str, gold: str, timeout: float = DEFAULT_TIME
     """
     if not isinstance(completion_text, str) or not isinstance(gold, str):
         raise TypeError(
-            f"verify_answer expects two strings, got {type(completion_text).__name__} and {type(gold).__name__}"
+            "verify_answer expects two strings, got "
+            f"{type(completion_text).__name__} and {type(gold).__name__}"
         )
-    return _verify(completion_text, gold, _validate_timeout(timeout), DEFAULT_MAX_CHARS, _get_pool(1))
+    return _verify(completion_text, gold, _validate_timeout(timeout), DEFAULT_MAX_CHARS, _get_pool(1))[0]
 
 
 def find_unparseable_gold(answers: Sequence[str], timeout: float = DEFAULT_TIMEOUT) -> list[tuple[int, str]]:
@@ -372,7 +385,8 @@ def find_unparseable_gold(answers: Sequence[str], timeout: float = DEFAULT_TIMEO
     for i, gold in enumerate(answers):
         if not isinstance(gold, str):
             raise TypeError(f"gold answer at row {i} is a {type(gold).__name__}, expected str: {gold!r}")
-        if not _check(pool, {"op": "gold", "gold": gold}, timeout, f"gold answer at row {i} {_short(gold)}"):
+        ok, _ = _check(pool, {"op": "gold", "gold": gold}, timeout, f"gold answer at row {i} {_short(gold)}")
+        if not ok:
             bad.append((i, gold))
     return bad
 
@@ -394,12 +408,11 @@ def _completion_text(completion: Any, index: int) -> str:
                 if isinstance(content, str):
                     return content
                 if isinstance(content, list):  # content parts: [{"type": "text", "text": ...}, ...]
-                    return "".join(
-                        part.get("text") or "" for part in content if isinstance(part, dict) and part.get("type") == "text"
-                    )
+                    parts = [p for p in content if isinstance(p, dict) and p.get("type") == "text"]
+                    return "".join(p.get("text") or "" for p in parts)
                 raise TypeError(
-                    f"completion {index}: assistant content is a {type(content).__name__}, expected str or a list "
-                    "of content parts"
+                    f"completion {index}: assistant content is a {type(content).__name__}, "
+                    "expected str or a list of content parts"
                 )
         roles = [m.get("role") if isinstance(m, dict) else type(m).__name__ for m in completion]
         raise ValueError(f"completion {index} has no assistant message (roles: {roles})")
@@ -449,29 +462,25 @@ class MathReward:
         for i, gold in enumerate(answer):
             if not isinstance(gold, str):
                 raise TypeError(
-                    f"{self.__name__}: gold answer {i} is a {type(gold).__name__} ({gold!r}); the 'answer' column "
-                    "must hold strings"
+                    f"{self.__name__}: gold answer {i} is a {type(gold).__name__} ({gold!r}); "
+                    "the 'answer' column must hold strings"
                 )
         pool = _get_pool(self.num_workers)
-        before = _STATS.get().timeouts
 
-        def score(i: int) -> float:
-            return float(_verify(texts[i], answer[i], self.timeout, self.max_chars, pool))
+        def check(i: int) -> tuple[bool, Outcome]:
+            return _verify(texts[i], answer[i], self.timeout, self.max_chars, pool)
 
         if self.num_workers == 1 or len(texts) <= 1:
-            rewards = [score(i) for i in range(len(texts))]
+            results = [check(i) for i in range(len(texts))]
         else:
-            from concurrent.futures import ThreadPoolExecutor
-
             with ThreadPoolExecutor(max_workers=min(self.num_workers, len(texts))) as executor:
-                rewards = list(executor.map(score, range(len(texts))))
+                results = list(executor.map(check, range(len(texts))))
 
         log_metric = kwargs.get("log_metric")
         if callable(log_metric) and texts:
-            # Other threads may time out meanwhile; the metric is a diagnostic, the counters are exact.
-            timeouts = min(_STATS.get().timeouts - before, len(texts))
+            timeouts = sum(outcome == "timeout" for _, outcome in results)
             log_metric(f"{self.__name__}/timeout_frac", timeouts / len(texts))
-        return rewards
+        return [float(ok) for ok, _ in results]
 
 
 def make_math_reward(
@@ -497,7 +506,7 @@ def make_math_reward(
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
         raise ValueError(f"num_workers must be an integer >= 1, got {num_workers!r}")
     if isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars < 1000:
-        raise ValueError(f"max_chars must be an integer >= 1000 (room for a worked answer), got {max_chars!r}")
+        raise ValueError(f"max_chars must be an integer >= 1000 (room for an answer), got {max_chars!r}")
     if not name.isidentifier():
         raise ValueError(f"name must be a Python identifier (TRL logs it as a metric name), got {name!r}")
     return MathReward(timeout, num_workers, max_chars, name)
