@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -316,3 +317,11 @@ def test_worker_dying_mid_job_scores_zero_and_is_counted(monkeypatch, caplog):
     assert any("worker died" in r.getMessage() for r in caplog.records)
     monkeypatch.undo()
     assert math_reward([r"\boxed{2}"], answer=["2"]) == [1.0]  # a fresh worker takes over
+
+
+def test_worker_that_cannot_start_raises_a_clear_error(monkeypatch):
+    # an environment problem (not completion text) is an error, not a silent 0.0
+    monkeypatch.setattr(sys, "executable", "/bin/false")
+    reward = make_math_reward(num_workers=3)  # a pool of its own, with no worker started yet
+    with pytest.raises(RuntimeError, match="did not start"):
+        reward([r"\boxed{1}"], answer=["1"])

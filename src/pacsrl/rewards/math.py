@@ -229,7 +229,10 @@ class _WorkerPool:
             self._cond.notify()
 
     def run(self, message: dict[str, Any], timeout: float) -> dict[str, Any] | None:
-        """Run one job; None when it timed out or the worker died (the worker is then replaced lazily)."""
+        """Run one job: the worker's answer, an ``error`` answer if the worker died, or None on timeout.
+
+        A worker that timed out or died is killed and replaced on the next call.
+        """
         if os.getpid() != self._pid:  # forked without os.register_at_fork having run (should not happen)
             self._reset()
         worker = self._acquire()
