@@ -25,6 +25,7 @@ from pacsrl.eval import (
     compute_metrics,
     default_ks,
     evaluate_model,
+    flatten_metrics,
     mean_at_n,
     pass_at_k,
     recompute,
@@ -254,9 +255,9 @@ def test_sample_completions_shapes_modes_and_seeds(tiny_model):
     assert model.training  # the caller's mode is restored
     assert len(out) == 3 and all(len(s) == 3 and all(isinstance(t, str) for t in s) for s in out)
     assert any(t for s in out for t in s)
-    again = sample_completions(model, tokenizer, prompts, 3, max_new_tokens=4, batch_size=5, seed=1, progress=False)
-    # batch composition changes the random stream, so only shapes must agree; the same batching must reproduce
-    assert [len(s) for s in again] == [3, 3, 3]
+    # a batch of 5 sequences splits prompts' samples across generate calls
+    split = sample_completions(model, tokenizer, prompts, 3, max_new_tokens=4, batch_size=5, seed=1, progress=False)
+    assert [len(s) for s in split] == [3, 3, 3]
     same = sample_completions(model, tokenizer, prompts, 3, max_new_tokens=4, batch_size=4, seed=1, progress=False)
     assert same == out
     greedy = sample_completions(model, tokenizer, prompts, 2, temperature=0, max_new_tokens=4, progress=False)
@@ -290,6 +291,9 @@ def test_evaluate_model_in_memory_writes_nothing(tiny_model, tmp_path, monkeypat
         assert r["scores"] == parity_reward([[{"content": t}] for t in r["completions"]], [r["answer"]] * 4,
                                              source=[r["source"]] * 4, level=[1] * 4)
     assert "| alpha | model | 3 | 4 |" in result.table
+    flat = flatten_metrics(result.metrics)
+    assert flat["eval/alpha/pass@2"] == result.metrics["sources"]["alpha"]["pass@2"]
+    assert flat["eval/all/pass@4"] == result.metrics["all"]["pass@4"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -314,6 +318,7 @@ def test_run_eval_end_to_end_writes_all_files(tiny_model_dir, dataset_file, tmp_
     assert len(record["completions"]) == len(record["scores"]) == 6 and record["columns"] == {"level": 1}
 
     metrics = json.loads((out / "metrics.json").read_text())
+    assert 0 < metrics["all"]["pass@1"] < metrics["all"]["pass@6"]  # mixed scores, so the check below can fail
     expected = independent_metrics(out / "rollouts.jsonl", [1, 2, 3, 6])
     for group, values in expected.items():
         got = metrics["all"] if group == "all" else metrics["sources"][group]
@@ -438,6 +443,9 @@ def test_cli_eval_recompute_compare(tiny_model_dir, dataset_file, tmp_path, monk
     assert "| benchmark | model | problems | n | pass@1 | pass@2 | pass@4 |" in printed and str(out) in printed
     assert printed.split("\n\n")[0] + "\n" == (out / "metrics.md").read_text()
     assert main(argv) == 0  # resumes: nothing left to sample
+    capsys.readouterr()
+    assert main([*argv, "--temperature", "1.0"]) == 2  # other settings: refused with a message, no traceback
+    assert "cannot resume" in capsys.readouterr().err
 
     assert main(["eval", "--recompute", str(out), "--k", "1,3"]) == 0
     assert "pass@3" in capsys.readouterr().out

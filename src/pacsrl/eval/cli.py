@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
+import sys
 import types
 import typing
 from collections.abc import Callable
 from typing import Any
 
 from pacsrl.eval.config import EvalConfig
+
+logger = logging.getLogger(__name__)
 
 
 def _comma_list(item: Callable[[str], Any]) -> Callable[[str], list[Any]]:
@@ -86,6 +90,15 @@ def main(argv: list[str]) -> int:
     if args.rescore and not args.recompute:
         parser.error("--rescore only applies with --recompute DIR")
 
+    try:
+        return _run(args, parser)
+    except (ValueError, FileNotFoundError) as err:  # bad settings or files: a message, not a traceback
+        logger.debug("pacsrl eval failed", exc_info=True)
+        print(f"pacsrl eval: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from pacsrl.eval import run
 
     if args.compare:

@@ -81,11 +81,19 @@ def sample_completions(
     ]  # P lists of prompt token ids
     jobs = [(p, j) for p in range(len(prompts)) for j in range(n)]  # one per sequence to sample
     out: list[list[str]] = [[""] * n for _ in prompts]
-    gen_kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": pad_id, "use_cache": True}
+    # Stop at the model's EOS tokens and the tokenizer's (a chat template's end-of-turn), as vLLM does.
+    eos = model.generation_config.eos_token_id
+    eos_ids = sorted({*([] if eos is None else [eos] if isinstance(eos, int) else eos), tokenizer.eos_token_id} - {None})
+    # Only temperature and top_p shape the distribution: override a checkpoint's generation_config defaults
+    # (top_k, min_p, repetition_penalty), which vLLM would not apply either.
+    gen_kwargs: dict[str, Any] = {
+        "max_new_tokens": max_new_tokens, "pad_token_id": pad_id, "eos_token_id": eos_ids or None,
+        "use_cache": True, "top_k": None, "min_p": None, "typical_p": 1.0, "repetition_penalty": 1.0,
+    }
     if temperature == 0:
-        gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        gen_kwargs.update(do_sample=False, temperature=None, top_p=None)
     else:
-        gen_kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=None)
+        gen_kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
     if seed is not None:
         torch.manual_seed(seed)
     was_training = model.training
@@ -169,8 +177,10 @@ class VLLMSampler:
     def __call__(
         self, prompts: Sequence[Prompt], n: int, *, seed: int | None = None
     ) -> list[list[str]]:  # pragma: no cover - needs vLLM and a GPU
+        # No per-request seed: requests sharing one seed would share one random stream. The engine is
+        # seeded once (``LLM(seed=...)``), so ``seed`` is ignored here.
         params = self._vllm.SamplingParams(
-            n=n, temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_new_tokens, seed=seed
+            n=n, temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_new_tokens
         )
         if all(isinstance(p, str) for p in prompts):
             outputs = self.llm.generate(list(prompts), params, use_tqdm=True)
