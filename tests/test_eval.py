@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import struct
 import sys
 import textwrap
 from fractions import Fraction
@@ -69,7 +68,11 @@ def test_pass_at_k_matches_brute_force_over_subsets():
     for n in range(1, 9):
         for c in range(n + 1):
             for k in range(1, n + 1):
-                assert pass_at_k(n, c, k) == pytest.approx(brute_force_pass_at_k(n, c, k), abs=1e-12), (n, c, k)
+                assert pass_at_k(n, c, k) == pytest.approx(brute_force_pass_at_k(n, c, k), abs=1e-12), (
+                    n,
+                    c,
+                    k,
+                )
 
 
 @pytest.mark.parametrize("n", [16, 64, 100, 256])
@@ -104,7 +107,9 @@ def test_pass_at_k_vectorised_matches_scalar():
     c = np.array([rng.integers(0, m + 1) for m in n])
     got = pass_at_k(n, c, 4)
     assert isinstance(got, np.ndarray) and got.shape == (50,)
-    np.testing.assert_allclose(got, [float(exact_pass_at_k(int(a), int(b), 4)) for a, b in zip(n, c)], rtol=1e-12)
+    np.testing.assert_allclose(
+        got, [float(exact_pass_at_k(int(a), int(b), 4)) for a, b in zip(n, c)], rtol=1e-12
+    )
     # k broadcast as an array too
     np.testing.assert_allclose(pass_at_k(8, 2, np.array([1, 2, 8])), [0.25, 1 - 15 / 28, 1.0], rtol=1e-12)
 
@@ -167,15 +172,25 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
     tokenizer.chat_template = (
         "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
         "{% if add_generation_prompt %}[assistant]{% endif %}"
     )
     torch.manual_seed(0)
     config = Qwen2Config(
-        vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=128, pad_token_id=0, eos_token_id=1, bos_token_id=1,
+        vocab_size=len(vocab),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=1,
     )
     model = Qwen2ForCausalLM(config)
     path = tmp_path_factory.mktemp("tiny_model")
@@ -251,14 +266,20 @@ def test_sample_completions_shapes_modes_and_seeds(tiny_model):
     model, tokenizer = tiny_model
     prompts = [p["prompt"] for p in PROBLEMS[:3]]
     model.train()
-    out = sample_completions(model, tokenizer, prompts, 3, max_new_tokens=4, batch_size=4, seed=1, progress=False)
+    out = sample_completions(
+        model, tokenizer, prompts, 3, max_new_tokens=4, batch_size=4, seed=1, progress=False
+    )
     assert model.training  # the caller's mode is restored
     assert len(out) == 3 and all(len(s) == 3 and all(isinstance(t, str) for t in s) for s in out)
     assert any(t for s in out for t in s)
     # a batch of 5 sequences splits prompts' samples across generate calls
-    split = sample_completions(model, tokenizer, prompts, 3, max_new_tokens=4, batch_size=5, seed=1, progress=False)
+    split = sample_completions(
+        model, tokenizer, prompts, 3, max_new_tokens=4, batch_size=5, seed=1, progress=False
+    )
     assert [len(s) for s in split] == [3, 3, 3]
-    same = sample_completions(model, tokenizer, prompts, 3, max_new_tokens=4, batch_size=4, seed=1, progress=False)
+    same = sample_completions(
+        model, tokenizer, prompts, 3, max_new_tokens=4, batch_size=4, seed=1, progress=False
+    )
     assert same == out
     greedy = sample_completions(model, tokenizer, prompts, 2, temperature=0, max_new_tokens=4, progress=False)
     assert all(s[0] == s[1] for s in greedy)
@@ -273,7 +294,9 @@ def test_sample_completions_shapes_modes_and_seeds(tiny_model):
             if next_id.item() == tokenizer.eos_token_id:
                 break
             ids = torch.cat([ids, next_id.view(1, 1)], dim=1)
-    expected = tokenizer.decode(ids[0, len(tokenizer(text, add_special_tokens=False)["input_ids"]) :], skip_special_tokens=True)
+    expected = tokenizer.decode(
+        ids[0, len(tokenizer(text, add_special_tokens=False)["input_ids"]) :], skip_special_tokens=True
+    )
     assert greedy[0][0] == expected
 
 
@@ -281,15 +304,26 @@ def test_evaluate_model_in_memory_writes_nothing(tiny_model, tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     model, tokenizer = tiny_model
     result = evaluate_model(
-        model, tokenizer, PROBLEMS, n=4, max_new_tokens=3, batch_size=8, reward_fn=parity_reward, progress=False
+        model,
+        tokenizer,
+        PROBLEMS,
+        n=4,
+        max_new_tokens=3,
+        batch_size=8,
+        reward_fn=parity_reward,
+        progress=False,
     )
     assert list(tmp_path.iterdir()) == []
     assert result.metrics["ks"] == [1, 2, 4]
     assert set(result.metrics["sources"]) == {"alpha", "beta"}
     for r in result.records:
         assert len(r["completions"]) == 4 and r["num_correct"] == sum(s == 1.0 for s in r["scores"])
-        assert r["scores"] == parity_reward([[{"content": t}] for t in r["completions"]], [r["answer"]] * 4,
-                                             source=[r["source"]] * 4, level=[1] * 4)
+        assert r["scores"] == parity_reward(
+            [[{"content": t}] for t in r["completions"]],
+            [r["answer"]] * 4,
+            source=[r["source"]] * 4,
+            level=[1] * 4,
+        )
     assert "| alpha | model | 3 | 4 |" in result.table
     flat = flatten_metrics(result.metrics)
     assert flat["eval/alpha/pass@2"] == result.metrics["sources"]["alpha"]["pass@2"]
@@ -301,8 +335,8 @@ def test_evaluate_model_in_memory_writes_nothing(tiny_model, tmp_path, monkeypat
 
 
 def _config(model_dir, out, **overrides) -> EvalConfig:
-    settings = dict(model=str(model_dir), n=4, max_new_tokens=3, batch_size=8, output=str(out), backend="hf")
-    return EvalConfig(**{**settings, **overrides})
+    settings = {"model": str(model_dir), "n": 4, "max_new_tokens": 3, "batch_size": 8, "backend": "hf"}
+    return EvalConfig(**{**settings, "output": str(out), **overrides})
 
 
 def test_run_eval_end_to_end_writes_all_files(tiny_model_dir, dataset_file, tmp_path):
@@ -314,11 +348,15 @@ def test_run_eval_end_to_end_writes_all_files(tiny_model_dir, dataset_file, tmp_
     lines = (out / "rollouts.jsonl").read_text().splitlines()
     assert len(lines) == len(PROBLEMS)
     record = json.loads(lines[0])
-    assert record["prompt"] == PROBLEMS[0]["prompt"] and record["answer"] == "2" and record["source"] == "alpha"
+    assert (
+        record["prompt"] == PROBLEMS[0]["prompt"] and record["answer"] == "2" and record["source"] == "alpha"
+    )
     assert len(record["completions"]) == len(record["scores"]) == 6 and record["columns"] == {"level": 1}
 
     metrics = json.loads((out / "metrics.json").read_text())
-    assert 0 < metrics["all"]["pass@1"] < metrics["all"]["pass@6"]  # mixed scores, so the check below can fail
+    assert (
+        0 < metrics["all"]["pass@1"] < metrics["all"]["pass@6"]
+    )  # mixed scores, so the check below can fail
     expected = independent_metrics(out / "rollouts.jsonl", [1, 2, 3, 6])
     for group, values in expected.items():
         got = metrics["all"] if group == "all" else metrics["sources"][group]
@@ -363,13 +401,20 @@ def test_resume_refuses_other_settings_unless_overwrite(tiny_model, tmp_path):
     model, tokenizer = tiny_model
     out = tmp_path / "run"
     sampler = HFSampler(model, tokenizer, max_new_tokens=3, progress=False)
-    run_eval(_config("tiny", out), dataset=PROBLEMS[:2], sampler=sampler, reward_fn=parity_reward, progress=False)
+    run_eval(
+        _config("tiny", out), dataset=PROBLEMS[:2], sampler=sampler, reward_fn=parity_reward, progress=False
+    )
     with pytest.raises(ValueError, match=r"temperature: 0.6 in the folder, 1.0 now.*--overwrite"):
-        run_eval(_config("tiny", out, temperature=1.0), dataset=PROBLEMS, sampler=sampler, reward_fn=parity_reward)
+        run_eval(
+            _config("tiny", out, temperature=1.0), dataset=PROBLEMS, sampler=sampler, reward_fn=parity_reward
+        )
     counting = CountingSampler(sampler)
     result = run_eval(
-        _config("tiny", out, temperature=1.0, overwrite=True), dataset=PROBLEMS, sampler=counting,
-        reward_fn=parity_reward, progress=False,
+        _config("tiny", out, temperature=1.0, overwrite=True),
+        dataset=PROBLEMS,
+        sampler=counting,
+        reward_fn=parity_reward,
+        progress=False,
     )
     assert len(counting.prompts) == len(PROBLEMS) == len(result.records)
     assert json.loads((out / "settings.json").read_text())["temperature"] == 1.0
@@ -390,9 +435,15 @@ def test_recompute_with_new_ks_and_rescore_with_the_math_verifier(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     prompt = [{"role": "user", "content": "1+1?"}]
-    record = {"id": "p1", "source": "alpha", "prompt": prompt, "answer": "2", "columns": {},
-              "completions": ["so \\boxed{2}", "\\boxed{3}", "it is \\boxed{2}", "no idea"],
-              "scores": [0.0, 0.0, 0.0, 0.0]}  # scores of a broken scorer; the verifier says 1, 0, 1, 0
+    record = {
+        "id": "p1",
+        "source": "alpha",
+        "prompt": prompt,
+        "answer": "2",
+        "columns": {},
+        "completions": ["so \\boxed{2}", "\\boxed{3}", "it is \\boxed{2}", "no idea"],
+        "scores": [0.0, 0.0, 0.0, 0.0],
+    }  # scores of a broken scorer; the verifier says 1, 0, 1, 0
     (run_dir / "rollouts.jsonl").write_text(json.dumps(record) + "\n")
     (run_dir / "settings.json").write_text(json.dumps({"model": "m", "reward": "math", "n": 4}))
     assert recompute(run_dir, ks=[1, 4]).metrics["all"]["pass@4"] == 0.0
@@ -430,17 +481,36 @@ def test_compare_plot_has_one_line_per_model(tiny_model, tmp_path):
 def test_cli_eval_recompute_compare(tiny_model_dir, dataset_file, tmp_path, monkeypatch, capsys):
     from pacsrl.cli import main
 
-    (tmp_path / "my_scorers.py").write_text(textwrap.dedent("""
+    (tmp_path / "my_scorers.py").write_text(
+        textwrap.dedent("""
         def first_char_even(completions, answer, **kwargs):
             return [float(bool(c[-1]["content"]) and ord(c[-1]["content"][0]) % 2 == 0) for c in completions]
-    """))
+    """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     out = tmp_path / "cli_run"
-    argv = ["eval", "--model", str(tiny_model_dir), "--datasets", str(dataset_file), "--n", "4",
-            "--max-new-tokens", "3", "--backend", "hf", "--output", str(out), "--reward", "my_scorers:first_char_even"]
+    argv = [
+        "eval",
+        "--model",
+        str(tiny_model_dir),
+        "--datasets",
+        str(dataset_file),
+        "--n",
+        "4",
+        "--max-new-tokens",
+        "3",
+        "--backend",
+        "hf",
+        "--output",
+        str(out),
+        "--reward",
+        "my_scorers:first_char_even",
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "| benchmark | model | problems | n | pass@1 | pass@2 | pass@4 |" in printed and str(out) in printed
+    assert (
+        "| benchmark | model | problems | n | pass@1 | pass@2 | pass@4 |" in printed and str(out) in printed
+    )
     assert printed.split("\n\n")[0] + "\n" == (out / "metrics.md").read_text()
     assert main(argv) == 0  # resumes: nothing left to sample
     capsys.readouterr()

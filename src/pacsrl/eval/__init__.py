@@ -7,7 +7,14 @@
 """
 
 from pacsrl.eval.config import EvalConfig
-from pacsrl.eval.metrics import compute_metrics, default_ks, flatten_metrics, mean_at_n, num_correct, pass_at_k
+from pacsrl.eval.metrics import (
+    compute_metrics,
+    default_ks,
+    flatten_metrics,
+    mean_at_n,
+    num_correct,
+    pass_at_k,
+)
 from pacsrl.eval.report import markdown_table, plot_pass_at_k
 from pacsrl.eval.run import (
     EvalResult,

@@ -28,7 +28,9 @@ def _comma_list(item: Callable[[str], Any]) -> Callable[[str], list[Any]]:
         try:
             return [item(x.strip()) for x in text.split(",") if x.strip()]
         except ValueError as err:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r} ({err})") from err
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated list, got {text!r} ({err})"
+            ) from err
 
     return parse
 
@@ -70,12 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
         "Rerunning the same command resumes an interrupted run.",
     )
     modes = parser.add_argument_group("other modes (no model needed)")
-    modes.add_argument("--recompute", metavar="DIR", help="Recompute metrics, table and plot of a run folder.")
     modes.add_argument(
-        "--rescore", action="store_true", help="With --recompute: score the stored completions again (see --reward)."
+        "--recompute", metavar="DIR", help="Recompute metrics, table and plot of a run folder."
     )
     modes.add_argument(
-        "--compare", metavar="DIR", nargs="+", help="Build one comparison table and plot from finished run folders."
+        "--rescore",
+        action="store_true",
+        help="With --recompute: score the stored completions again (see --reward).",
+    )
+    modes.add_argument(
+        "--compare",
+        metavar="DIR",
+        nargs="+",
+        help="Build one comparison table and plot from finished run folders.",
     )
     _add_config_options(parser.add_argument_group("evaluation run"))
     return parser
@@ -125,5 +134,8 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         result = run.run_eval(config)
     print(result.table)
     out = result.output_dir
-    print(f"{len(result.records)} problems; files in {out}: rollouts.jsonl, metrics.json, metrics.md, pass_at_k.png")
+    print(
+        f"{len(result.records)} problems; files in {out}: "
+        "rollouts.jsonl, metrics.json, metrics.md, pass_at_k.png"
+    )
     return 0

@@ -15,7 +15,8 @@ class EvalConfig:
     """Settings of ``pacsrl eval``. Defaults follow the paper's evaluation (PAPER.md, "Evaluation")."""
 
     model: str | None = field(
-        default=None, metadata={"help": "Model to evaluate: a local checkpoint folder or a Hugging Face Hub id."}
+        default=None,
+        metadata={"help": "Model to evaluate: a local checkpoint folder or a Hugging Face Hub id."},
     )
     datasets: list[str] = field(
         default_factory=list,
@@ -24,7 +25,9 @@ class EvalConfig:
             "prepared parquet/jsonl file (see `pacsrl prepare`)."
         },
     )
-    n: int = field(default=32, metadata={"help": "Samples per problem (the paper: 32 on MATH-500, 256 on AIME/AMC)."})
+    n: int = field(
+        default=32, metadata={"help": "Samples per problem (the paper: 32 on MATH-500, 256 on AIME/AMC)."}
+    )
     k: list[int] | None = field(
         default=None,
         metadata={
@@ -33,11 +36,15 @@ class EvalConfig:
         },
     )
     output: str | None = field(
-        default=None, metadata={"help": "Run folder for rollouts and metrics. Default: outputs/eval/<model name>."}
+        default=None,
+        metadata={"help": "Run folder for rollouts and metrics. Default: outputs/eval/<model name>."},
     )
     backend: Literal["auto", "vllm", "hf"] = field(
         default="auto",
-        metadata={"help": "Sampling backend: vllm, hf (transformers generate), or auto (vllm if installed and a GPU is visible)."},
+        metadata={
+            "help": "Sampling backend: vllm, hf (transformers generate), or auto (vllm if it is installed "
+            "and a GPU is visible)."
+        },
     )
     temperature: float = field(default=0.6, metadata={"help": "Sampling temperature; 0 decodes greedily."})
     top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling top_p."})
@@ -52,7 +59,9 @@ class EvalConfig:
             "Default: max(1, batch_size // n) for hf, 64 for vllm."
         },
     )
-    limit: int | None = field(default=None, metadata={"help": "Evaluate only the first LIMIT problems of each dataset."})
+    limit: int | None = field(
+        default=None, metadata={"help": "Evaluate only the first LIMIT problems of each dataset."}
+    )
     seed: int = field(default=0, metadata={"help": "Random seed of the sampler."})
     reward: str = field(
         default="math",
@@ -71,7 +80,9 @@ class EvalConfig:
     gpu_memory_utilization: float = field(
         default=0.9, metadata={"help": "vllm backend: fraction of GPU memory vLLM may use."}
     )
-    tensor_parallel_size: int = field(default=1, metadata={"help": "vllm backend: GPUs to shard the model over."})
+    tensor_parallel_size: int = field(
+        default=1, metadata={"help": "vllm backend: GPUs to shard the model over."}
+    )
     overwrite: bool = field(
         default=False,
         metadata={"help": "Delete the rollouts already in the run folder instead of resuming from them."},

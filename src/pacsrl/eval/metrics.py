@@ -34,11 +34,13 @@ OVERALL = "all"
 
 def _as_int_array(name: str, value: Any) -> np.ndarray:
     array = np.asarray(value)
-    if array.dtype == bool or not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+    if array.dtype == bool or not (
+        np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
+    ):
         raise ValueError(f"{name} must be an integer or an array of integers, got {value!r}")
-    if np.issubdtype(array.dtype, np.floating):
-        if not np.all(np.isfinite(array)) or not np.all(array == np.round(array)):
-            raise ValueError(f"{name} must hold whole numbers, got {value!r}")
+    whole = np.all(np.isfinite(array)) and np.all(array == np.round(array))
+    if np.issubdtype(array.dtype, np.floating) and not whole:
+        raise ValueError(f"{name} must hold whole numbers, got {value!r}")
     return array.astype(np.int64)
 
 
@@ -110,7 +112,9 @@ def default_ks(n: int) -> list[int]:
     return ks if ks[-1] == n else [*ks, n]
 
 
-def _group_metrics(records: Sequence[Mapping[str, Any]], ks: Sequence[int], threshold: float) -> dict[str, Any]:
+def _group_metrics(
+    records: Sequence[Mapping[str, Any]], ks: Sequence[int], threshold: float
+) -> dict[str, Any]:
     n = np.array([len(r["scores"]) for r in records])
     c = np.array([num_correct(r["scores"], threshold) for r in records])
     out: dict[str, Any] = {

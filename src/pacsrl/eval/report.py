@@ -34,7 +34,10 @@ def markdown_table(runs: Sequence[Run]) -> str:
     report that k."""
     ks = sorted({k for _, m in runs for k in m["ks"]})
     header = ["benchmark", "model", "problems", "n", *[f"pass@{k}" for k in ks]]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(header) - 3)) + "|"]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---"] * 3 + ["---:"] * (len(header) - 3)) + "|",
+    ]
     sources = _sources(runs)
     groups = [*sources, OVERALL] if len(sources) > 1 else sources
     for source in groups:

@@ -53,8 +53,7 @@ def write_rollouts(path: str | Path, records: Iterable[Mapping[str, Any]]) -> No
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -67,8 +66,8 @@ def append_rollout(path: str | Path, record: Mapping[str, Any]) -> None:
         line = json.dumps(record, ensure_ascii=False) + "\n"
     except TypeError as err:
         raise TypeError(
-            f"problem {record.get('id')!r} of {record.get('source')!r} has a value JSON cannot store ({err}); "
-            "dataset columns must hold strings, numbers, lists or dicts"
+            f"problem {record.get('id')!r} of {record.get('source')!r} has a value JSON cannot store "
+            f"({err}); dataset columns must hold strings, numbers, lists or dicts"
         ) from err
     with open(path, "a", encoding="utf-8") as f:
         f.write(line)
@@ -109,16 +108,21 @@ def read_rollouts(path: str | Path, *, repair: bool = True) -> list[dict[str, An
         record = _parse(line)
         if record is None:
             if lineno == len(lines):  # no newline after it: a write cut short by a crash
-                logger.warning("%s: dropping a truncated last line (%d bytes) left by an interrupted run", path, len(line))
+                logger.warning(
+                    "%s: dropping a truncated last line (%d bytes) left by an interrupted run",
+                    path,
+                    len(line),
+                )
                 continue
             raise ValueError(
-                f"{path}:{lineno}: not a complete rollout record (need keys {list(REQUIRED_KEYS)}); only the last "
-                "line can be cut short by a crash, so this file was edited or corrupted: fix or delete that line"
+                f"{path}:{lineno}: not a complete rollout record (need keys {list(REQUIRED_KEYS)}); only "
+                "the last line can be cut short by a crash, so this file was edited or corrupted: fix or "
+                "delete that line"
             )
         if record["id"] in seen:
             raise ValueError(
-                f"{path}:{lineno}: problem id {record['id']!r} already on line {seen[record['id']]}; were two runs "
-                "writing to the same folder? Delete one of the lines"
+                f"{path}:{lineno}: problem id {record['id']!r} already on line {seen[record['id']]}; "
+                "were two runs writing to the same folder? Delete one of the lines"
             )
         seen[record["id"]] = lineno
         records.append(record)

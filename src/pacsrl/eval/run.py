@@ -101,7 +101,7 @@ def resolve_reward(reward: str | RewardFn) -> RewardFn:
     except (ImportError, AttributeError) as err:
         raise ValueError(f"reward {reward!r}: cannot import {attr!r} from {module_name!r} ({err})") from err
     if not callable(fn):
-        raise ValueError(f"reward {reward!r} is not callable")
+        raise TypeError(f"reward {reward!r} is not callable")
     return fn
 
 
@@ -131,7 +131,9 @@ def dataset_problems(dataset: Iterable[Mapping[str, Any]]) -> list[dict[str, Any
     ]
 
 
-def score_completions(reward_fn: RewardFn, problem: Mapping[str, Any], completions: Sequence[str]) -> list[float]:
+def score_completions(
+    reward_fn: RewardFn, problem: Mapping[str, Any], completions: Sequence[str]
+) -> list[float]:
     """Score one problem's completions with a TRL-style reward function.
 
     As in TRL, a conversational prompt's completions are passed as ``[{"role": "assistant", "content":
@@ -155,7 +157,8 @@ def score_completions(reward_fn: RewardFn, problem: Mapping[str, Any], completio
         if s is None or isinstance(s, str) or not math.isfinite(float(s)):
             raise ValueError(
                 f"reward function {name} returned {s!r} for sample {j} of problem {problem['id']} "
-                f"({problem['source']}): every sample needs a finite score; is it the right scorer for this dataset?"
+                f"({problem['source']}): every sample needs a finite score; is it the right scorer for "
+                "this dataset?"
             )
     return [float(s) for s in scores]
 
@@ -183,7 +186,9 @@ def _sample_and_score(
             chunk_seed = None if seed is None else seed + done + start
             samples = sampler([p["prompt"] for p in chunk], n, seed=chunk_seed)
             if len(samples) != len(chunk) or any(len(s) != n for s in samples):
-                raise RuntimeError(f"the sampler returned {[len(s) for s in samples]} samples for {len(chunk)} x {n}")
+                raise RuntimeError(
+                    f"the sampler returned {[len(s) for s in samples]} samples for {len(chunk)} x {n}"
+                )
             for problem, completions in zip(chunk, samples, strict=True):
                 scores = score_completions(reward_fn, problem, completions)
                 record = {
@@ -234,17 +239,36 @@ def evaluate_model(
     """
     problems = dataset_problems(dataset)
     sampler = HFSampler(
-        model, tokenizer, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-        batch_size=batch_size, progress=False,
+        model,
+        tokenizer,
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        progress=False,
     )
     records = _sample_and_score(
-        problems, sampler, resolve_reward(reward_fn), n, chunk_size=max(1, batch_size // n), seed=seed,
-        threshold=threshold, progress=progress,
+        problems,
+        sampler,
+        resolve_reward(reward_fn),
+        n,
+        chunk_size=max(1, batch_size // n),
+        seed=seed,
+        threshold=threshold,
+        progress=progress,
     )
     settings = {
-        "model": name, "name": name, "n": n, "temperature": temperature, "top_p": top_p,
-        "max_new_tokens": max_new_tokens, "seed": seed, "threshold": threshold,
-        "reward": reward_fn if isinstance(reward_fn, str) else getattr(reward_fn, "__name__", repr(reward_fn)),
+        "model": name,
+        "name": name,
+        "n": n,
+        "temperature": temperature,
+        "top_p": top_p,
+        "max_new_tokens": max_new_tokens,
+        "seed": seed,
+        "threshold": threshold,
+        "reward": reward_fn
+        if isinstance(reward_fn, str)
+        else getattr(reward_fn, "__name__", repr(reward_fn)),
     }
     return EvalResult(name, records, compute_metrics(records, ks, threshold), settings)
 
@@ -305,7 +329,11 @@ def _check_resume(output_dir: Path, settings: Mapping[str, Any], overwrite: bool
             "sampled; pass --overwrite to start over, or choose another --output"
         )
     old = json.loads(settings_path.read_text(encoding="utf-8"))
-    diff = [f"{k}: {old.get(k)!r} in the folder, {settings.get(k)!r} now" for k in RESUME_KEYS if old.get(k) != settings.get(k)]
+    diff = [
+        f"{k}: {old.get(k)!r} in the folder, {settings.get(k)!r} now"
+        for k in RESUME_KEYS
+        if old.get(k) != settings.get(k)
+    ]
     if diff:
         raise ValueError(
             f"cannot resume {output_dir}: its {len(records)} problems were sampled with other settings ("
@@ -346,10 +374,14 @@ def run_eval(
 
     if dataset is None:
         if not config.datasets:
-            raise ValueError("no datasets to evaluate: pass --datasets math500,aime24,... (or prepared files)")
+            raise ValueError(
+                "no datasets to evaluate: pass --datasets math500,aime24,... (or prepared files)"
+            )
         from pacsrl.data import resolve_dataset
 
-        problems = dataset_problems([row for spec in config.datasets for row in resolve_dataset(spec, limit=config.limit)])
+        problems = dataset_problems(
+            [row for spec in config.datasets for row in resolve_dataset(spec, limit=config.limit)]
+        )
     else:
         problems = dataset_problems(dataset)
         if config.limit is not None:
@@ -361,31 +393,55 @@ def run_eval(
                     kept.append(p)
             problems = kept
 
-    settings = {**dataclasses.asdict(config), "name": name, "output": str(output_dir), "pacsrl_version": __version__}
+    settings = {
+        **dataclasses.asdict(config),
+        "name": name,
+        "output": str(output_dir),
+        "pacsrl_version": __version__,
+    }
     records = _check_resume(output_dir, settings, config.overwrite)
     done = {r["id"] for r in records}
     pending = [p for p in problems if p["id"] not in done]
     logger.info(
         "%s: %d problems, %d already in %s, %d to sample (n=%d)",
-        name, len(problems), len(problems) - len(pending), output_dir / ROLLOUTS_FILE, len(pending), config.n,
+        name,
+        len(problems),
+        len(problems) - len(pending),
+        output_dir / ROLLOUTS_FILE,
+        len(pending),
+        config.n,
     )
     reward_fn = reward_fn or resolve_reward(config.reward)
     if pending:
         backend = "custom"
         if sampler is None:
             sampler, backend = load_sampler(
-                config.model, config.backend, temperature=config.temperature, top_p=config.top_p,
-                max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, seed=config.seed,
-                dtype=config.dtype, gpu_memory_utilization=config.gpu_memory_utilization,
-                tensor_parallel_size=config.tensor_parallel_size, progress=False,
+                config.model,
+                config.backend,
+                temperature=config.temperature,
+                top_p=config.top_p,
+                max_new_tokens=config.max_new_tokens,
+                batch_size=config.batch_size,
+                seed=config.seed,
+                dtype=config.dtype,
+                gpu_memory_utilization=config.gpu_memory_utilization,
+                tensor_parallel_size=config.tensor_parallel_size,
+                progress=False,
             )
         settings["backend_used"] = backend
         _write_json(output_dir / SETTINGS_FILE, settings)
         chunk_size = config.chunk_size or (64 if backend == "vllm" else max(1, config.batch_size // config.n))
         path = output_dir / ROLLOUTS_FILE
         records += _sample_and_score(
-            pending, sampler, reward_fn, config.n, chunk_size=chunk_size, seed=config.seed,
-            threshold=config.threshold, on_record=lambda r: append_rollout(path, r), progress=progress,
+            pending,
+            sampler,
+            reward_fn,
+            config.n,
+            chunk_size=chunk_size,
+            seed=config.seed,
+            threshold=config.threshold,
+            on_record=lambda r: append_rollout(path, r),
+            progress=progress,
             total=len(problems),
         )
     elif not (output_dir / SETTINGS_FILE).exists():
@@ -468,6 +524,8 @@ def compare_runs(
         output = Path(output)
         output.mkdir(parents=True, exist_ok=True)
         (output / "comparison.md").write_text(table, encoding="utf-8")
-        _write_json(output / "comparison.json", {r.name: {"run": str(r.output_dir), **r.metrics} for r in results})
+        _write_json(
+            output / "comparison.json", {r.name: {"run": str(r.output_dir), **r.metrics} for r in results}
+        )
         figure.savefig(output / "comparison.png", dpi=120)
     return table, figure, results

@@ -83,12 +83,20 @@ def sample_completions(
     out: list[list[str]] = [[""] * n for _ in prompts]
     # Stop at the model's EOS tokens and the tokenizer's (a chat template's end-of-turn), as vLLM does.
     eos = model.generation_config.eos_token_id
-    eos_ids = sorted({*([] if eos is None else [eos] if isinstance(eos, int) else eos), tokenizer.eos_token_id} - {None})
+    eos_ids = sorted(
+        {*([] if eos is None else [eos] if isinstance(eos, int) else eos), tokenizer.eos_token_id} - {None}
+    )
     # Only temperature and top_p shape the distribution: override a checkpoint's generation_config defaults
     # (top_k, min_p, repetition_penalty), which vLLM would not apply either.
     gen_kwargs: dict[str, Any] = {
-        "max_new_tokens": max_new_tokens, "pad_token_id": pad_id, "eos_token_id": eos_ids or None,
-        "use_cache": True, "top_k": None, "min_p": None, "typical_p": 1.0, "repetition_penalty": 1.0,
+        "max_new_tokens": max_new_tokens,
+        "pad_token_id": pad_id,
+        "eos_token_id": eos_ids or None,
+        "use_cache": True,
+        "top_k": None,
+        "min_p": None,
+        "typical_p": 1.0,
+        "repetition_penalty": 1.0,
     }
     if temperature == 0:
         gen_kwargs.update(do_sample=False, temperature=None, top_p=None)
@@ -105,7 +113,9 @@ def sample_completions(
             rows = [encoded[p] for p, _ in batch]
             width = max(len(r) for r in rows)
             input_ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)  # (b, L)
-            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)  # (b, L)
+            mask = torch.tensor(
+                [[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device
+            )  # (b, L)
             generated = model.generate(input_ids=input_ids, attention_mask=mask, **gen_kwargs)  # (b, L + T)
             texts = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
             for (p, j), text in zip(batch, texts, strict=True):
@@ -130,9 +140,12 @@ class HFSampler:
         progress: bool = True,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
-        self.kwargs = dict(
-            temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size
-        )
+        self.kwargs = {
+            "temperature": temperature,
+            "top_p": top_p,
+            "max_new_tokens": max_new_tokens,
+            "batch_size": batch_size,
+        }
         self.progress = progress
 
     def __call__(self, prompts: Sequence[Prompt], n: int, *, seed: int | None = None) -> list[list[str]]:
@@ -162,7 +175,9 @@ class VLLMSampler:
         try:
             import vllm
         except ImportError as err:  # pragma: no cover - depends on the environment
-            raise ImportError("backend 'vllm' needs vLLM: pip install 'pacsrl[vllm]', or use --backend hf") from err
+            raise ImportError(
+                "backend 'vllm' needs vLLM: pip install 'pacsrl[vllm]', or use --backend hf"
+            ) from err
         self._vllm = vllm
         self.llm = vllm.LLM(
             model=model,
@@ -187,7 +202,9 @@ class VLLMSampler:
         elif not any(isinstance(p, str) for p in prompts):
             outputs = self.llm.chat([list(p) for p in prompts], params, use_tqdm=True)
         else:
-            raise ValueError("a chunk mixes plain-text and conversational prompts; use one format per dataset")
+            raise ValueError(
+                "a chunk mixes plain-text and conversational prompts; use one format per dataset"
+            )
         return [[o.text for o in request.outputs] for request in outputs]
 
 
@@ -246,5 +263,3 @@ def load_sampler(
         progress=progress,
     )
     return sampler, chosen
-
-
