@@ -156,9 +156,8 @@ class PACSConfig(GRPOConfig):
 
     def __post_init__(self):
         self._check_pacs_fields()
+        self._check_whole_groups()  # before GRPOConfig's own, less specific, divisibility checks
         super().__post_init__()
-        # after GRPOConfig resolved its derived fields (num_generations_eval, steps_per_generation, ...)
-        self._check_whole_groups()
 
     def _check_pacs_fields(self) -> None:
         if self.loss_type != "pacs":

@@ -300,11 +300,13 @@ class PACSTrainer(GRPOTrainer):
             rows = keep_group.repeat_interleave(G).nonzero(as_tuple=True)[0]  # (N',)
             logps, entropies = self._forward(model, inputs, rows)  # (N', T)
             loss = pacs_on_policy_loss(logps, mask[rows], labels[rows], G, num_rows=N, **loss_kwargs)
-            if placeholder:
-                loss = loss * 0.0
             # the loss value on-policy is (1/N) sum_i w_i log 2 over all rows, skipped ones included
             w = class_weights(labels, G, args.pacs_weight_mode)
             loss_value = w.sum() * math.log(2.0) / N
+            if placeholder:  # zero gradient, true value
+                loss = loss * 0.0 + loss_value
+            else:
+                loss = loss - loss.detach() + loss_value
             psi = torch.zeros_like(labels)
             rewards = torch.zeros_like(labels)
             ent_mask = mask[rows]

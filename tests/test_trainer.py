@@ -1,0 +1,271 @@
+"""PACSTrainer on a tiny offline model: training, whole groups, loss equivalence, fast path, references."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+
+import pacsrl.trainer as trainer_mod
+from pacsrl import PACSConfig, PACSTrainer
+from pacsrl.objective import pacs_loss
+from pacsrl.trainer import _check_whole_groups, _shuffle_groups, labels_from_rewards
+from tiny import build_model, build_tokenizer
+
+
+def any_digit(completions, **kwargs):
+    """1.0 when the completion holds a digit: a random tiny model gets mixed groups."""
+    texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+    return [1.0 if any(ch.isdigit() for ch in t) else 0.0 for t in texts]
+
+
+def every_third(completions, **kwargs):
+    """1.0 for rows 0, 3, 6, ... of the batch: every group of 4 is mixed ([1,0,0,1], [0,0,1,0], [0,1,0,0], ...)."""
+    return [float(i % 3 == 0) for i in range(len(completions))]
+
+
+def make_dataset(n=16):
+    return Dataset.from_list(
+        [{"prompt": [{"role": "user", "content": f"{i}+{i}="}], "answer": str(2 * i)} for i in range(n)]
+    )
+
+
+def make_trainer(tmp_path, seed=0, reward=any_digit, **overrides):
+    tok = build_tokenizer()
+    model = build_model(tok, seed=seed)
+    kwargs = dict(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_generations=4,
+        max_completion_length=8, max_steps=3, report_to=[], use_cpu=True, logging_steps=1,
+        save_strategy="no", learning_rate=1e-2, seed=seed, disable_tqdm=True,
+    )
+    kwargs.update(overrides)
+    args = PACSConfig(**kwargs)
+    return PACSTrainer(model=model, reward_funcs=reward, args=args, train_dataset=make_dataset(),
+                       processing_class=tok)
+
+
+# --------------------------------------------------------------------------------------------------
+# pure helpers
+# --------------------------------------------------------------------------------------------------
+def test_labels_from_rewards():
+    # two functions, weights (1, 3): weighted means (1*1 + 3*1)/4 = 1, (1*1 + 3*0)/4 = 0.25, (0 + 3*1)/4 = 0.75
+    r = torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, 1.0], [float("nan"), 1.0], [float("nan"), float("nan")]])
+    w = torch.tensor([1.0, 3.0])
+    assert labels_from_rewards(r, w, 1.0).tolist() == [1, 0, 0, 1, 0]  # NaN rows: only the scoring function counts
+    assert labels_from_rewards(r, w, 0.7).tolist() == [1, 0, 1, 1, 0]
+    with pytest.raises(ValueError, match=r"rewards in \[0, 1\]"):
+        labels_from_rewards(torch.tensor([[2.0]]), torch.tensor([1.0]), 0.5)
+
+
+def test_check_whole_groups_detects_split_groups():
+    _check_whole_groups(torch.tensor([5, 5, 2, 2]), 2)
+    with pytest.raises(RuntimeError, match="split"):
+        _check_whole_groups(torch.tensor([5, 2, 5, 2]), 2)
+    with pytest.raises(RuntimeError, match="split"):
+        _check_whole_groups(torch.tensor([5, 5, 5, 5]), 2)  # the same group twice: half of it came from elsewhere
+    with pytest.raises(RuntimeError, match="whole groups"):
+        _check_whole_groups(torch.tensor([1, 1, 1]), 2)
+
+
+def test_shuffle_groups_keeps_groups_contiguous():
+    torch.manual_seed(0)
+    batch = {"pacs_labels": torch.arange(12), "names": [f"r{i}" for i in range(12)], "scalar": torch.tensor(3)}
+    out = _shuffle_groups(batch, 4)
+    rows = out["pacs_labels"].view(3, 4)
+    assert (rows - rows[:, :1] == torch.arange(4)).all()  # each block is one original group, in order
+    assert sorted(out["pacs_labels"].tolist()) == list(range(12))
+    assert out["names"] == [f"r{i}" for i in out["pacs_labels"].tolist()]
+    assert out["scalar"].item() == 3
+
+
+# --------------------------------------------------------------------------------------------------
+# training
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_three_steps_train_and_keep_groups_whole(tmp_path, monkeypatch):
+    calls = []
+    real_check = trainer_mod._check_whole_groups
+
+    def spy(group_ids, G):
+        calls.append(group_ids.clone())
+        real_check(group_ids, G)
+
+    monkeypatch.setattr(trainer_mod, "_check_whole_groups", spy)
+    trainer = make_trainer(tmp_path, steps_per_generation=2, num_iterations=2)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train()
+    after = list(trainer.model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, after)), "training did not change the parameters"
+    assert len(calls) == 3  # one check per micro-batch, all passed
+    for ids in calls:
+        assert (ids.view(-1, 4) == ids.view(-1, 4)[:, :1]).all()
+    logs = [h for h in trainer.state.log_history if "pacs/loss" in h]
+    assert len(logs) == 3
+    for h in logs:
+        for key in ("pacs/loss", "pacs/implicit_reward/mean", "pacs/psi/std", "pacs/class_weight/mean"):
+            assert math.isfinite(h[key]), (key, h)
+    assert logs[0]["pacs/on_policy"] == 1.0 and logs[1]["pacs/on_policy"] == 0.0
+    assert "pacs/critic_accuracy" in logs[1] and 0.0 <= logs[1]["pacs/critic_accuracy"] <= 1.0
+
+
+def _manual_logps(model, inputs, temperature):
+    """Per-token log-probs of the completion, computed directly from the logits (independent of TRL's fused head)."""
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    att = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    logits = model(input_ids=ids, attention_mask=att).logits[:, :-1] / temperature
+    logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    T = inputs["completion_ids"].shape[1]
+    return logps[:, -T:]
+
+
+@pytest.mark.slow
+def test_loss_matches_pacs_loss_with_independent_logps(tmp_path):
+    trainer = make_trainer(tmp_path, steps_per_generation=2, max_steps=1, pacs_beta=0.7)
+    trainer.train()  # one step: the buffered second micro-batch is now off-policy
+    inputs = trainer._buffered_inputs[1]
+    assert trainer._is_on_policy() is False and "old_per_token_logps" in inputs
+    model = trainer.model
+    model.train()
+    got = trainer._compute_loss(model, inputs) * trainer.current_gradient_accumulation_steps
+    with torch.no_grad():
+        logps = _manual_logps(model, inputs, trainer.temperature)
+    expected = pacs_loss(logps, inputs["old_per_token_logps"], inputs["completion_mask"], inputs["pacs_labels"], 4,
+                         beta=0.7)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-4, abs=1e-6)
+
+
+def _grads(trainer, inputs):
+    trainer.model.zero_grad()
+    loss = trainer._compute_loss(trainer.model, inputs)
+    loss.backward()
+    return loss.detach(), [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+                           for p in trainer.model.parameters()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("baseline", ["rloo", "grpo"])
+def test_fast_path_gradients_equal_full_loss(tmp_path, baseline):
+    trainer = make_trainer(tmp_path, max_steps=1, learning_rate=0.0, pacs_baseline=baseline, reward=every_third)
+    trainer.train()  # lr 0: the policy is unchanged, so the buffered batch is on-policy again
+    trainer.state.global_step = trainer._pacs_old_step
+    inputs = trainer._buffered_inputs[0]
+    assert trainer._is_on_policy()
+    labels = inputs["pacs_labels"].view(-1, 4)
+    trainer.model.train()
+    trainer.args.pacs_on_policy_fast_path = True
+    fast_loss, fast = _grads(trainer, inputs)
+    trainer.args.pacs_on_policy_fast_path = False
+    full_loss, full = _grads(trainer, inputs)
+    assert fast_loss.item() == pytest.approx(full_loss.item(), rel=1e-5)
+    scale = max(g.abs().max().item() for g in full)
+    assert bool((labels.min(1).values != labels.max(1).values).any()), "the batch needs a mixed group"
+    assert scale > 0
+    for a, b in zip(fast, full):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6 * max(scale, 1e-12))
+
+
+@pytest.mark.slow
+def test_fast_path_skips_groups_with_equal_labels(tmp_path):
+    def first_half_correct(prompts, completions, **kwargs):
+        # prompts 0..7 always right, 8..15 always wrong: every group has equal labels
+        return [1.0 if int(p[-1]["content"].split("+")[0]) < 8 else 0.0 for p in prompts]
+
+    trainer = make_trainer(tmp_path, max_steps=1, reward=first_half_correct)
+    trainer.train()
+    log = next(h for h in trainer.state.log_history if "pacs/skipped_groups" in h)
+    assert log["pacs/skipped_groups"] == 2.0  # both groups of the micro-batch
+    assert log["grad_norm"] == 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# fixed reference: resets and resume
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_fixed_reference_resets_on_schedule_and_resumes(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=4, pacs_reference="fixed", pacs_ref_reset_steps=2,
+                           save_strategy="steps", save_steps=2, pacs_beta=0.5)
+    events = []
+    real_reset = trainer._reset_reference
+
+    def spy():
+        opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+        had_state = len(opt.state) > 0
+        real_reset()
+        policy = trainer.accelerator.unwrap_model(trainer.model).state_dict()
+        ref = trainer.accelerator.unwrap_model(trainer.pacs_ref_model).state_dict()
+        same = all(torch.equal(policy[k], ref[k]) for k in policy)
+        events.append((trainer.state.global_step, had_state, len(opt.state), same))
+
+    trainer._reset_reference = spy
+    trainer.train()
+    assert [e[0] for e in events] == [2, 4]
+    assert all(e[1] and e[2] == 0 and e[3] for e in events)  # optimizer state cleared, reference == policy
+    assert trainer._pacs_ref_version == 2
+
+    # resume from the step-2 checkpoint: the reference is the one saved there, the counter continues
+    resumed = make_trainer(tmp_path, max_steps=4, pacs_reference="fixed", pacs_ref_reset_steps=2,
+                           save_strategy="no", pacs_beta=0.5)
+    resumed_events = []
+    real = resumed._reset_reference
+    resumed._reset_reference = lambda: (real(), resumed_events.append(resumed.state.global_step))
+    ckpt = tmp_path / "out" / "checkpoint-2"
+    saved_ref = torch.load(ckpt / "pacs_reference_model.pt", weights_only=True)
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    assert resumed_events == [4]
+    assert resumed._pacs_ref_version == 2
+    assert resumed._pacs_ref_step == 4
+    assert saved_ref  # the checkpoint held the reference weights
+
+
+# --------------------------------------------------------------------------------------------------
+# config validation
+# --------------------------------------------------------------------------------------------------
+BASE = dict(output_dir="/tmp/pacs-cfg-test", report_to=[], use_cpu=True, per_device_train_batch_size=8,
+            num_generations=4)
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (dict(per_device_train_batch_size=12, num_generations=8), r"per_device_train_batch_size=12 is not a multiple"),
+        (dict(num_generations=1, per_device_train_batch_size=2), r"at least 2"),
+        (dict(loss_type="dapo"), r"loss_type='dapo'"),
+        (dict(beta=0.04), r"beta=0.04 is a GRPO option.*KL"),
+        (dict(scale_rewards="none"), r"scale_rewards='none'.*pacs_baseline"),
+        (dict(importance_sampling_level="sequence"), r"importance_sampling_level='sequence'"),
+        (dict(top_entropy_quantile=0.2), r"top_entropy_quantile=0.2"),
+        (dict(mask_truncated_completions=True), r"mask_truncated_completions=True"),
+        (dict(vllm_importance_sampling_correction=True), r"vllm_importance_sampling_correction=True"),
+        (dict(entropy_coef=0.01), r"entropy_coef=0.01"),
+        (dict(epsilon_high=0.28), r"epsilon_high=0.28"),
+        (dict(off_policy_mask_threshold=0.5), r"off_policy_mask_threshold"),
+        (dict(sync_ref_model=True), r"sync_ref_model=True"),
+        (dict(pacs_baseline="ppo"), r"pacs_baseline='ppo'"),
+        (dict(pacs_weight_mode="x"), r"pacs_weight_mode='x'"),
+        (dict(pacs_reward_form="x"), r"pacs_reward_form='x'"),
+        (dict(pacs_reference="x"), r"pacs_reference='x'"),
+        (dict(pacs_beta=0.0), r"pacs_beta=0.0"),
+        (dict(pacs_reference="fixed", pacs_ref_reset_steps=0), r"pacs_ref_reset_steps=0"),
+        (dict(pacs_label_threshold=0.0), r"pacs_label_threshold=0.0"),
+        (dict(reward_weights=[1.0, -1.0]), r"weights must be >= 0"),
+    ],
+)
+def test_config_rejections(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        PACSConfig(**{**BASE, **overrides})
+
+
+def test_config_accepts_defaults():
+    cfg = PACSConfig(**BASE)
+    assert cfg.pacs_beta == 1.0 and cfg.pacs_baseline == "rloo" and cfg.loss_type == "pacs" and cfg.beta == 0.0
+
+
+def test_trainer_rejects_grpo_config(tmp_path):
+    from trl import GRPOConfig
+
+    tok = build_tokenizer()
+    with pytest.raises(TypeError, match="PACSConfig"):
+        PACSTrainer(model=build_model(tok), reward_funcs=any_digit, processing_class=tok,
+                    args=GRPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True), train_dataset=make_dataset())
