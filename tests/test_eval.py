@@ -452,6 +452,10 @@ def test_recompute_with_new_ks_and_rescore_with_the_math_verifier(tmp_path):
     assert result.metrics["all"]["pass@1"] == pytest.approx(0.5)
     assert result.metrics["all"]["pass@2"] == pytest.approx(1 - 1 / 6)  # 1 - C(2,2)/C(4,2)
     assert json.loads((run_dir / "metrics.json").read_text())["ks"] == [1, 2, 4]
+    # a stricter threshold than any score: nothing counts as correct, and the stored counts follow
+    assert recompute(run_dir, threshold=1.5).metrics["all"]["pass@4"] == 0.0
+    assert read_rollouts(run_dir / "rollouts.jsonl")[0]["num_correct"] == 0
+    assert json.loads((run_dir / "settings.json").read_text())["threshold"] == 1.5
 
 
 def test_compare_plot_has_one_line_per_model(tiny_model, tmp_path):

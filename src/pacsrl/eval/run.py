@@ -480,20 +480,19 @@ def recompute(
     """
     run_dir = Path(run_dir)
     result = load_run(run_dir, ks)
-    if threshold is not None:
-        result.settings["threshold"] = threshold
-    threshold = result.settings.get("threshold", 1.0)
+    old_threshold = result.settings.get("threshold", 1.0)
+    threshold = old_threshold if threshold is None else threshold
     if rescore:
         spec = reward if reward is not None else result.settings.get("reward", "math")
         reward_fn = resolve_reward(spec)
         for record in tqdm(result.records, desc="rescoring", unit="problem"):
             record["scores"] = score_completions(reward_fn, record, record["completions"])
-        if isinstance(spec, str):
-            result.settings["reward"] = spec
-        write_rollouts(run_dir / ROLLOUTS_FILE, result.records)
-    for record in result.records:
-        record["num_correct"] = num_correct(record["scores"], threshold)
-    if rescore or threshold != result.metrics["threshold"]:
+        name = getattr(reward_fn, "__name__", repr(reward_fn))
+        result.settings["reward"] = spec if isinstance(spec, str) else f"{reward_fn.__module__}:{name}"
+    if rescore or threshold != old_threshold:  # stored scores or counts change: rewrite atomically
+        result.settings["threshold"] = threshold
+        for record in result.records:
+            record["num_correct"] = num_correct(record["scores"], threshold)
         write_rollouts(run_dir / ROLLOUTS_FILE, result.records)
         _write_json(run_dir / SETTINGS_FILE, result.settings)
     result.metrics = compute_metrics(result.records, ks, threshold)
