@@ -269,3 +269,39 @@ def test_trainer_rejects_grpo_config(tmp_path):
     with pytest.raises(TypeError, match="PACSConfig"):
         PACSTrainer(model=build_model(tok), reward_funcs=any_digit, processing_class=tok,
                     args=GRPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True), train_dataset=make_dataset())
+
+
+# --------------------------------------------------------------------------------------------------
+# usual TRL features
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_lora_training_updates_only_the_adapter(tmp_path):
+    peft = pytest.importorskip("peft")
+    tok = build_tokenizer()
+    model = build_model(tok)
+    args = PACSConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4,
+                      max_completion_length=8, max_steps=2, steps_per_generation=2, report_to=[], use_cpu=True,
+                      save_strategy="no", learning_rate=1e-2, disable_tqdm=True)
+    trainer = PACSTrainer(model=model, reward_funcs=every_third, args=args, train_dataset=make_dataset(),
+                          processing_class=tok,
+                          peft_config=peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    named = dict(trainer.model.named_parameters())
+    lora_before = {k: v.detach().clone() for k, v in named.items() if "lora_B" in k}
+    base_before = {k: v.detach().clone() for k, v in named.items() if "lora_" not in k}
+    trainer.train()
+    named = dict(trainer.model.named_parameters())
+    assert any(not torch.equal(named[k], v) for k, v in lora_before.items())
+    assert all(torch.equal(named[k], v) for k, v in base_before.items())
+    logs = [h for h in trainer.state.log_history if "pacs/loss" in h]
+    assert logs and all(math.isfinite(h["pacs/loss"]) for h in logs)
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_gives_the_same_update(tmp_path):
+    params = []
+    for checkpointing in (False, True):
+        trainer = make_trainer(tmp_path / str(checkpointing), max_steps=1, reward=every_third,
+                               gradient_checkpointing=checkpointing)
+        trainer.train()
+        params.append(torch.cat([p.detach().flatten() for p in trainer.model.parameters()]))
+    assert torch.allclose(params[0], params[1], atol=1e-5)
