@@ -99,3 +99,17 @@ def test_train_smoke_subprocess(workdir, algorithm):
         assert "pacs/loss" in proc.stdout + proc.stderr
     else:
         assert "pacs/loss" not in proc.stdout + proc.stderr
+
+
+RECIPES = sorted((__import__("pathlib").Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.name for r in RECIPES])
+def test_shipped_recipes_parse_and_say_how_to_run(recipe):
+    head = recipe.read_text().splitlines()[:6]
+    assert any("pacsrl train --config recipes/" + recipe.name in line for line in head), head
+    # --use_cpu: bf16 recipes are checked against the hardware when parsed, and CI has no GPU
+    train_args, config, model_args = parse_train_args(["--config", str(recipe), "--use_cpu", "true"])
+    assert model_args.model_name_or_path
+    if train_args.algorithm == "pacs":
+        assert config.per_device_train_batch_size % config.num_generations == 0

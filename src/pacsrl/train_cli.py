@@ -41,8 +41,10 @@ class TrainArguments:
     train_limit: int | None = field(default=None, metadata={"help": "Use only the first N training problems."})
     eval_dataset: str | None = field(
         default=None,
-        metadata={"help": "Optional evaluation data, same forms as train_dataset; evaluated every eval_steps "
-                  "with TRL's evaluation loop (rewards and the PACS loss on held-out prompts)."},
+        metadata={"help": "Optional evaluation data, same forms as train_dataset, comma-separated for several "
+                  "(e.g. 'math500,aime24': metrics per dataset); evaluated every eval_steps with TRL's evaluation "
+                  "loop (mean reward = pass@1 over num_generations_eval samples, and the PACS loss). For gym:TASK "
+                  "training data, 'heldout' uses the task's held-out problems."},
     )
     eval_limit: int | None = field(default=None, metadata={"help": "Use only the first N evaluation problems."})
     reward: str = field(
@@ -115,10 +117,19 @@ def _load_data(train_args: TrainArguments, seed: int):
             train = resolve_dataset(spec, limit=train_args.train_limit)
         eval_ds = None
     if train_args.eval_dataset not in (None, "heldout"):
-        eval_ds = resolve_dataset(train_args.eval_dataset, limit=train_args.eval_limit)
+        specs = [s.strip() for s in train_args.eval_dataset.split(",") if s.strip()]
+        if len(specs) == 1:
+            eval_ds = resolve_dataset(specs[0], limit=train_args.eval_limit)
+        else:  # TRL evaluates a dict of datasets separately: metrics are prefixed with each name
+            eval_ds = {_eval_name(s): resolve_dataset(s, limit=train_args.eval_limit) for s in specs}
     elif eval_ds is not None and train_args.eval_limit is not None:
         eval_ds = eval_ds.select(range(min(train_args.eval_limit, len(eval_ds))))
     return train, eval_ds
+
+
+def _eval_name(spec: str) -> str:
+    name = spec.split("=", 1)[0]
+    return os.path.splitext(os.path.basename(name))[0]
 
 
 def _reward_funcs(train_args: TrainArguments):
