@@ -1,9 +1,10 @@
 """The offline demo's task, its shipped warm-started tiny model, and its data splits.
 
-The demo task is reasoning-gym's ``chain_sum`` with 2-3 terms of 1-2 digits ("15 - 43 - 75 ="), the
-answer given as ``<answer>-103</answer>``. The checkpoint under ``assets/demo`` is a ~0.6M-parameter
-Qwen2 warm-started on such problems by ``pacsrl warmstart`` until it is partly right (see its
-``WARMSTART.md``), so that RL has something to sharpen.
+The demo task is reasoning-gym's ``chain_sum`` with three one-digit terms ("7 - 3 + 9 ="; 4,000
+distinct problems), the answer given as ``<answer>13</answer>``. The checkpoint under ``assets/demo``
+is a 0.66M-parameter Qwen2 warm-started by ``pacsrl warmstart`` on worked solutions
+("7 - 3 + 9 = 4 + 9 = 13" then the answer tag) until it is partly right (see its ``WARMSTART.md``), so
+that RL has something to sharpen.
 
 Held-out problems: a fixed pool of ``DEMO_POOL_SIZE`` distinct problems (seed ``DEMO_SEED``) is kept
 out of the warm-start data; ``demo_splits`` draws the RL-train and eval splits from that pool, so eval
@@ -20,10 +21,10 @@ if TYPE_CHECKING:
     from datasets import Dataset
 
 DEMO_TASK = "chain_sum"
-DEMO_TASK_CONFIG: dict[str, Any] = {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2}
+DEMO_TASK_CONFIG: dict[str, Any] = {"min_terms": 3, "max_terms": 3, "min_digits": 1, "max_digits": 1}
 # Seed and size of the held-out pool that warm-start data never includes.
 DEMO_SEED = 20250902
-DEMO_POOL_SIZE = 2048
+DEMO_POOL_SIZE = 1024
 
 
 def demo_checkpoint_path() -> Path:

@@ -23,12 +23,15 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
 
 from pacsrl.demo import DEMO_SEED, DEMO_TASK, DEMO_TASK_CONFIG, held_out_pool
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +56,7 @@ def sample_pass_at_k(
     ks: tuple[int, ...] = (1, 8),
     seed: int = 0,
     batch_size: int = 32,
-    max_new_tokens: int = 16,
+    max_new_tokens: int = 32,
     temperature: float = 1.0,
 ) -> dict[str, float]:
     """Mean pass@k over ``dataset`` from ``num_samples`` completions per prompt, sampled at ``temperature``
@@ -93,6 +96,33 @@ def sample_pass_at_k(
     return {f"pass@{k}": totals[k] / len(dataset) for k in ks}
 
 
+def warmstart_data(task: str, config: dict, seed: int, sft_size: int, val_size: int) -> tuple[Dataset, Dataset]:
+    """The warm-start (SFT) and validation problems: one deduplicated stream from ``seed`` that excludes
+    the demo's held-out pool, validation first."""
+    from pacsrl.data.gym import make_gym_dataset
+
+    pool = held_out_pool(task, config)
+    data = make_gym_dataset(task, val_size + sft_size, seed, exclude=pool["question"], config=config)
+    return data.select(range(val_size, len(data))), data.select(range(val_size))
+
+
+def worked_solution(task: str, answer: str, metadata: str) -> str:
+    """The completion the warm-start teaches: for ``chain_sum``, the running total one operation at a
+    time ("7 - 3 + 9 = 4 + 9 = 13"), then the answer tag; for other tasks, the answer tag alone."""
+    from pacsrl.data.gym import format_solution
+
+    if task != "chain_sum":
+        return format_solution(answer)
+    terms = json.loads(metadata)["expression"].split()  # "7 - 3 + 9" -> ["7", "-", "3", "+", "9"]
+    steps, total = [], int(terms[0])
+    for i in range(1, len(terms), 2):
+        total = total + int(terms[i + 1]) if terms[i] == "+" else total - int(terms[i + 1])
+        steps.append(" ".join([str(total), *terms[i + 2 :]]))
+    if str(total) != answer:
+        raise ValueError(f"worked solution of {' '.join(terms)!r} gives {total}, but the gold answer is {answer!r}")
+    return f"{' '.join(terms)} = {' = '.join(steps)}\n{format_solution(answer)}"
+
+
 def _encode(tokenizer, prompt: list[dict[str, str]], completion: str) -> tuple[list[int], list[int]]:
     """Token ids of prompt + completion + eos, and labels that mask the prompt (loss on the completion)."""
     prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
@@ -120,7 +150,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=600, help="maximum number of optimizer steps")
     p.add_argument("--batch-size", type=int, default=32, help="problems per optimizer step")
     p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (linear warm-up, then constant)")
-    p.add_argument("--sft-size", type=int, default=8192, help="distinct warm-start problems (cycled through)")
+    p.add_argument("--sft-size", type=int, default=2560, help="distinct warm-start problems (cycled through)")
     p.add_argument("--task", default=DEMO_TASK, help="reasoning-gym task")
     p.add_argument(
         "--task-config", type=json.loads, default=None, help=f"task options as JSON (default for the demo task: {json.dumps(DEMO_TASK_CONFIG)})"
@@ -128,8 +158,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden-size", type=int, default=128)
     p.add_argument("--layers", type=int, default=3)
     p.add_argument("--stop-at-pass1", type=float, default=None, help="stop once validation pass@1 reaches this (e.g. 0.25)")
-    p.add_argument("--eval-every", type=int, default=50, help="steps between validation estimates of pass@1")
-    p.add_argument("--val-size", type=int, default=64, help="validation problems (warm-start stream, not trained on)")
+    p.add_argument("--eval-every", type=int, default=100, help="steps between validation estimates of pass@1")
+    p.add_argument("--val-size", type=int, default=32, help="validation problems (warm-start stream, not trained on)")
     p.add_argument("--eval-size", type=int, default=128, help="held-out demo eval problems to measure pass@k on")
     p.add_argument("--samples", type=int, default=8, help="completions per eval problem (pass@1 and pass@samples)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (the demo targets a shared laptop)")
@@ -138,7 +168,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    from pacsrl.data.gym import format_solution, make_gym_dataset, make_gym_reward
+    from pacsrl.data.gym import make_gym_reward
     from pacsrl.demo.tiny import build_model, build_tokenizer
 
     torch.set_num_threads(args.threads)
@@ -149,19 +179,16 @@ def main(argv: list[str]) -> int:
 
     pool = held_out_pool(task, config)
     eval_split = pool.select(range(min(args.eval_size, len(pool))))
-    data = make_gym_dataset(task, args.val_size + args.sft_size, args.seed, exclude=pool["question"], config=config)
-    val_split, sft_split = data.select(range(args.val_size)), data.select(range(args.val_size, len(data)))
+    sft_split, val_split = warmstart_data(task, config, args.seed, args.sft_size, args.val_size)
     logger.info("%s %s: %d warm-start, %d validation problems; %d held out", task, config, len(sft_split), len(val_split), len(pool))
 
-    tokenizer = build_tokenizer(
-        tokenizer_text(tokenizer_prompt, format_solution(a))
-        for tokenizer_prompt, a in zip(sft_split["prompt"][:4096], sft_split["answer"][:4096])
-    )
+    solutions = [worked_solution(task, a, m) for a, m in zip(sft_split["answer"], sft_split["metadata"])]
+    tokenizer = build_tokenizer(tokenizer_text(p, s) for p, s in zip(sft_split["prompt"][:4096], solutions[:4096]))
     model = build_model(tokenizer, hidden_size=args.hidden_size, num_layers=args.layers, seed=args.seed)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("model: %d parameters, vocabulary %d", n_params, len(tokenizer))
 
-    examples = [_encode(tokenizer, p, format_solution(a)) for p, a in zip(sft_split["prompt"], sft_split["answer"])]
+    examples = [_encode(tokenizer, p, s) for p, s in zip(sft_split["prompt"], solutions)]
     reward_fn = make_gym_reward(task)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     warmup = max(1, args.steps // 20)
