@@ -1,0 +1,207 @@
+"""``pacsrl demo`` and its helpers: t-intervals, curve AUC, method specs, settings, the report table; a quick demo
+end to end in a subprocess (slow)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pacsrl.demo.cli import build_parser, config_from_args
+from pacsrl.demo.run import (
+    CURVE_PLOTS,
+    METRICS_FILE,
+    PASS_AT_K_PLOT,
+    REPORT_FILE,
+    DemoConfig,
+    Method,
+    comparison_table,
+    curve_auc,
+    t_interval,
+    t_quantile,
+)
+
+# --------------------------------------------------------------------------------------------------
+# statistics
+
+
+@pytest.mark.parametrize(
+    ("df", "expected"),
+    [
+        (1, math.tan(0.475 * math.pi)),  # Cauchy: t = tan(pi (0.975 - 1/2)) = 12.7062...
+        (2, 0.95 / math.sqrt(2 * 0.975 * 0.025)),  # df=2: t = (2p - 1) / sqrt(2 p (1 - p)), p = 0.975 -> 4.3027
+        (3, 3.182446305284263),  # printed t-tables: 3.182
+        (4, 2.7764451051977987),  # 2.776
+        (10, 2.2281388519649385),  # 2.228
+        (30, 2.0422724563012373),  # 2.042
+    ],
+)
+def test_t_quantile_matches_tables(df, expected):
+    assert t_quantile(0.95, df) == pytest.approx(expected, abs=1e-9)
+
+
+def test_t_quantile_tends_to_normal_and_other_levels():
+    assert t_quantile(0.95, 100) == pytest.approx(1.983971519, abs=1e-6)  # printed tables: 1.984
+    assert 1.959963 < t_quantile(0.95, 5000) < t_quantile(0.95, 1000) < 1.9624  # -> z = 1.959964 as df grows
+    assert t_quantile(0.90, 1) == pytest.approx(math.tan(0.45 * math.pi), abs=1e-9)  # 6.3138
+    with pytest.raises(ValueError, match="confidence"):
+        t_quantile(1.0, 3)
+    with pytest.raises(ValueError, match="df"):
+        t_quantile(0.95, 0)
+
+
+def test_t_interval_hand_values():
+    # [1, 2, 3]: mean 2, sample sd 1, half-width t(0.95, 2) / sqrt(3) = 4.302653 / 1.732051 = 2.484138
+    mean, half = t_interval([1.0, 2.0, 3.0])
+    assert mean == 2.0
+    assert half == pytest.approx(4.302652729911275 / math.sqrt(3), abs=1e-9)
+    # [0.2, 0.4]: mean 0.3, sd sqrt(0.02) = 0.141421, half 12.7062 * 0.141421 / sqrt(2) = 1.27062
+    mean, half = t_interval([0.2, 0.4])
+    assert mean == pytest.approx(0.3)
+    assert half == pytest.approx(1.2706204736174698, abs=1e-9)
+    assert t_interval([5.0, 5.0, 5.0]) == (5.0, 0.0)
+    mean, half = t_interval([0.7])
+    assert mean == 0.7 and math.isnan(half)
+    with pytest.raises(ValueError):
+        t_interval([])
+
+
+def test_curve_auc_trapezoid_hand_value():
+    # trapezoids: 10 * (0.1 + 0.3) / 2 = 2.0, 10 * (0.3 + 0.2) / 2 = 2.5, 20 * (0.2 + 0.4) / 2 = 6.0; total 10.5 over 40 steps
+    assert curve_auc([0, 10, 20, 40], [0.1, 0.3, 0.2, 0.4]) == pytest.approx(10.5 / 40)
+    assert curve_auc([0, 5], [0.2, 0.2]) == pytest.approx(0.2)  # a flat curve's mean height is its value
+    with pytest.raises(ValueError, match="two or more"):
+        curve_auc([0], [0.1])
+    with pytest.raises(ValueError, match="increase"):
+        curve_auc([0, 10, 10], [0.1, 0.2, 0.3])
+
+
+# --------------------------------------------------------------------------------------------------
+# methods, settings, command line
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("grpo", Method("GRPO", "grpo")),
+        ("pacs", Method("PACS", "pacs", None, "question")),  # beta from the DemoConfig
+        ("pacs@0.5", Method("PACS beta=0.5", "pacs", 0.5, "question")),
+        ("PACS-noweight@2", Method("PACS w/o weights beta=2", "pacs", 2.0, "none")),
+    ],
+)
+def test_method_parse(spec, expected):
+    assert Method.parse(spec) == expected
+
+
+@pytest.mark.parametrize("spec", ["ppo", "pacs@", "pacs@-1", "pacs@0", "grpo@1", "pacs@1@2"])
+def test_method_parse_rejects(spec):
+    with pytest.raises(ValueError, match="method"):
+        Method.parse(spec)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"algorithms": ("pacs", "ppo")}, "algorithms"),
+        ({"algorithms": ("pacs", "pacs")}, "twice"),
+        ({"steps": 0}, "steps=0"),
+        ({"num_generations": 1}, "at least 2"),
+        ({"curve_size": 200, "eval_size": 100}, "curve_size=200 exceeds eval_size=100"),
+        ({"learning_rate": -1.0}, "learning_rate"),
+    ],
+)
+def test_demo_config_rejects(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        DemoConfig(**overrides)
+
+
+def test_cli_quick_sizes_and_overrides():
+    parser = build_parser()
+    quick = config_from_args(parser.parse_args(["--quick"]))
+    assert quick.steps < DemoConfig().steps and quick.eval_size < DemoConfig().eval_size
+    config = config_from_args(parser.parse_args(
+        ["--quick", "--steps", "3", "--algorithms", "grpo,pacs", "--lr", "5e-4", "--beta", "0.5",
+         "--task-config", '{"min_terms": 2}', "--model", "/some/path"]))
+    assert (config.steps, config.algorithms, config.learning_rate, config.pacs_beta) == (3, ("grpo", "pacs"), 5e-4, 0.5)
+    assert config.task_config == {"min_terms": 2} and config.model == "/some/path"
+    assert config.eval_size == quick.eval_size  # the rest stays at --quick's sizes
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--algorithms", "pacs,ppo"])
+
+
+def test_comparison_table_formats_rows():
+    metrics = {"all": {"pass@1": 0.25, "pass@8": 0.5}}
+    report = {
+        "settings": {"eval_samples": 8},
+        "base": {"eval": {"all": {"pass@1": 0.125, "pass@8": 0.375}}, "eval_seconds": 3.2},
+        "methods": {
+            "pacs": {"done": True, "settings": {"name": "PACS"}, "eval": metrics, "mean_train_reward": 0.2,
+                     "heldout_pass@1_auc": 0.2, "train_seconds": 61.4, "eval_seconds": 3.0},
+            "grpo": {"done": False, "settings": {"name": "GRPO"}},  # unfinished: not in the table
+        },
+    }
+    lines = comparison_table(report).splitlines()
+    assert lines[2] == "| base | 12.5 | 37.5 | - | - | - | 3 |"
+    assert lines[3] == "| PACS | 25.0 | 50.0 | 0.200 | 20.0 | 61 | 3 |"
+    assert len(lines) == 4
+
+
+# --------------------------------------------------------------------------------------------------
+# end to end
+
+
+@pytest.mark.slow
+def test_quick_demo_writes_a_complete_report(tmp_path):
+    out = tmp_path / "demo"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "MPLBACKEND": "Agg", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-m", "pacsrl", "demo", "--quick", "--output", str(out)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "| PACS |" in proc.stdout and "| GRPO |" in proc.stdout and str(out.resolve()) in proc.stdout
+    for name in (METRICS_FILE, REPORT_FILE, PASS_AT_K_PLOT, *CURVE_PLOTS.values()):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+
+    metrics = json.loads((out / METRICS_FILE).read_text())
+    assert metrics["finished"] is True
+    k = metrics["settings"]["eval_samples"]
+    numbers = [metrics["base"]["eval"]["all"]["pass@1"], metrics["base"]["eval"]["all"][f"pass@{k}"]]
+    assert set(metrics["methods"]) == {"pacs", "grpo"}
+    for m in metrics["methods"].values():
+        assert m["done"]
+        numbers += [m["eval"]["all"]["pass@1"], m["eval"]["all"][f"pass@{k}"], m["mean_train_reward"],
+                    m["mean_entropy"], m["heldout_pass@1_auc"], m["train_seconds"]]
+        steps = [p["step"] for p in m["curve"]]
+        assert steps[0] == 0 and steps[-1] == metrics["settings"]["steps"]
+        assert len(m["log_history"]) == metrics["settings"]["steps"]
+    assert all(isinstance(x, float) and math.isfinite(x) for x in numbers), numbers
+    assert all(0.0 <= x <= 1.0 for x in numbers[:2])
+    report = (out / REPORT_FILE).read_text()
+    assert "| base |" in report and "| PACS |" in report and "| GRPO |" in report
+
+
+def test_bench_script_parses(tmp_path):
+    """bench/learning.py shares the demo's parser; its own options are validated before any run."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "learning.py"
+    spec = importlib.util.spec_from_file_location("bench_learning", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args, config = bench.parse_args(["--quick", "--methods", "pacs@1,pacs-noweight@1,grpo", "--seeds", "0,1,2"])
+    assert [m.name for m in args.method_list] == ["PACS beta=1", "PACS w/o weights beta=1", "GRPO"]
+    assert args.seed_list == [0, 1, 2] and config.steps == DemoConfig.quick().steps
+    for bad in (["--seeds", "0"], ["--methods", "ppo"], ["--beta", "2"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(bad)
+    # the summary: mean and 95% t half-width over seeds
+    runs = [{"method": "GRPO", "seed": s, "pass@1": p, "pass@8": p, "auc": p} for s, p in enumerate([0.1, 0.2, 0.3])]
+    (row,) = bench.summarise(runs, 8)
+    assert row["pass@1"][0] == pytest.approx(0.2)
+    assert row["pass@1"][1] == pytest.approx(4.302652729911275 * 0.1 / math.sqrt(3))
+    assert "| GRPO | 3 | 20.0 ± 24.8 |" in bench.markdown([row], 8)
