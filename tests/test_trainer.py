@@ -305,3 +305,21 @@ def test_gradient_checkpointing_gives_the_same_update(tmp_path):
         trainer.train()
         params.append(torch.cat([p.detach().flatten() for p in trainer.model.parameters()]))
     assert torch.allclose(params[0], params[1], atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reference", ["old", "fixed"])
+def test_evaluation_logs_pacs_metrics(tmp_path, reference):
+    tok = build_tokenizer()
+    args = PACSConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4,
+                      max_completion_length=6, max_steps=2, report_to=[], use_cpu=True, save_strategy="no",
+                      learning_rate=1e-2, disable_tqdm=True, eval_strategy="steps", eval_steps=2,
+                      per_device_eval_batch_size=8, num_generations_eval=4, pacs_reference=reference)
+    trainer = PACSTrainer(model=build_model(tok), reward_funcs=every_third, args=args, train_dataset=make_dataset(),
+                          eval_dataset=make_dataset(8), processing_class=tok)
+    trainer.train()
+    evals = [h for h in trainer.state.log_history if "eval_pacs/loss" in h]
+    assert len(evals) == 1 and math.isfinite(evals[0]["eval_pacs/loss"])
+    assert "eval_pacs/groups/mixed" in evals[0]
+    # the implicit critic is only scored in evaluation when pi_ref differs from the policy (fixed reference)
+    assert ("eval_pacs/critic_accuracy" in evals[0]) == (reference == "fixed")

@@ -329,12 +329,14 @@ class PACSTrainer(GRPOTrainer):
         args = self.args
         if args.pacs_reward_form == "mean_logp":
             return None
-        if args.pacs_reference == "old" or not self.model.training:
+        if args.pacs_reference == "old":
             old = inputs.get("old_per_token_logps")
             if old is not None:
                 return old
             if on_policy or not self.model.training:
-                return logps.detach()  # pi_old == pi_theta: TRL skips recomputing it in that case
+                # pi_old == pi_theta: TRL skips recomputing it then (and in evaluation the rollout policy is
+                # the current one, so every psi is 0 and only the loss value is reported)
+                return logps.detach()
             raise RuntimeError(
                 "off-policy PACS micro-batch without pi_old log-probs: TRL did not recompute them for this "
                 "configuration (please report this with your steps_per_generation, num_iterations and "
@@ -370,8 +372,10 @@ class PACSTrainer(GRPOTrainer):
         if mode == "train":
             self._metrics[mode]["pacs/skipped_groups"].append(skip)
             self._metrics[mode]["pacs/on_policy"].append(float(on_policy))
-        if not on_policy:
-            # the implicit critic sigma(psi) is informative only off-policy (on-policy psi = 0, sigma = 1/2)
+        informative = not on_policy and (mode == "train" or self.args.pacs_reference == "fixed")
+        if informative:
+            # the implicit critic sigma(psi) is informative only when pi_theta != pi_ref (else psi = 0, sigma = 1/2);
+            # in evaluation that is the case with the fixed reference only
             prob = torch.sigmoid(psi.float())
             correct = ((prob > 0.5).float() == labels.float()).float().sum()
             brier = ((prob - labels.float()) ** 2).sum()
