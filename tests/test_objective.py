@@ -206,15 +206,45 @@ def test_matches_loop_reference_values_and_gradients(baseline, weight_mode, rewa
 # --------------------------------------------------------------------------------------------------
 # the on-policy gradient identity of PAPER.md
 # --------------------------------------------------------------------------------------------------
-def loop_advantage_rloo(labels, G, weights):
-    # A_k = w_k (R_k - 1/2) - 1/(G-1) sum_{i != k} w_i (R_i - 1/2)
+def loop_weights(labels, G, weight_mode):
+    """Eq. 4 by counting, one group at a time."""
+    w = []
+    for b in range(len(labels) // G):
+        group = labels[b * G:(b + 1) * G]
+        n_pos = sum(group)
+        n_neg = G - n_pos
+        for y in group:
+            if weight_mode == "question":
+                w.append(1.0 if n_pos in (0, G) else G / (2 * (n_pos if y == 1 else n_neg)))
+            elif weight_mode == "none":
+                w.append(1.0)
+            elif weight_mode == "only_positive":
+                w.append(float(y))
+            else:
+                w.append(float(1 - y))
+    return w
+
+
+def loop_advantage(labels, G, weights, baseline):
+    """A_k by the chain rule written out per baseline, with u_i = w_i (R_i - 1/2):
+    rloo: u_k - 1/(G-1) sum_{i != k} u_i ; mean: u_k - mean(u) ; none: u_k ; grpo: (u_k - mean(u)) / 1e-6."""
     A = []
     for b in range(len(labels) // G):
+        u = [weights[b * G + i] * (labels[b * G + i] - 0.5) for i in range(G)]
         for k in range(G):
-            kk = b * G + k
-            others = sum(weights[b * G + i] * (labels[b * G + i] - 0.5) for i in range(G) if i != k)
-            A.append(weights[kk] * (labels[kk] - 0.5) - others / (G - 1))
+            if baseline == "rloo":
+                A.append(u[k] - sum(u[i] for i in range(G) if i != k) / (G - 1))
+            elif baseline == "mean":
+                A.append(u[k] - sum(u) / G)
+            elif baseline == "grpo":
+                A.append((u[k] - sum(u) / G) / 1e-6)
+            else:
+                A.append(u[k])
     return torch.tensor(A, dtype=torch.float64)
+
+
+def loop_advantage_rloo(labels, G, weights):
+    return loop_advantage(labels, G, weights, "rloo")
 
 
 @pytest.mark.parametrize("weight_mode", WEIGHT_MODES)
@@ -228,13 +258,16 @@ def test_on_policy_gradient_identity(baseline, weight_mode):
     lp = logps.clone().requires_grad_(True)
     loss = pacs_loss(lp, logps.clone(), mask, labels, G, beta=beta, baseline=baseline, weight_mode=weight_mode)
     loss.backward()
-    A = on_policy_advantage(labels.double(), G, baseline=baseline, weight_mode=weight_mode)
+    w = loop_weights(labels.tolist(), G, weight_mode)
+    A = loop_advantage(labels.tolist(), G, w, baseline)  # independent of the library
     expected_grad = -(beta / N) * A[:, None] * mask  # (N, T): -(beta/N) A_k on each completion token
     assert torch.isfinite(lp.grad).all()
     assert torch.allclose(lp.grad, expected_grad.to(lp.grad.dtype), rtol=1e-7, atol=1e-9)
+    # ... and the library's own advantage agrees
+    ours = on_policy_advantage(labels.double(), G, baseline=baseline, weight_mode=weight_mode)
+    assert torch.allclose(ours, A, rtol=1e-9, atol=1e-12)
     # every psi is 0 on-policy, so the loss is (1/N) sum_i w_i log 2
-    w = class_weights(labels.double(), G, weight_mode)
-    assert loss.item() == pytest.approx(w.sum().item() * math.log(2) / N, rel=1e-9)
+    assert loss.item() == pytest.approx(sum(w) * math.log(2) / N, rel=1e-9)
 
 
 def test_on_policy_advantage_rloo_matches_paper_formula_by_loops():
@@ -349,6 +382,8 @@ def _ok():
         (lambda a: dict(a, weight_mode="class"), "unknown weight_mode"),
         (lambda a: dict(a, reward_form="max"), "unknown reward_form"),
         (lambda a: dict(a, ref_logps=None), "needs ref_logps"),
+        (lambda a: dict(a, mask=torch.full((4, 3), 0.5)), "mask must hold 0"),
+        (lambda a: dict(a, ref_logps=torch.zeros(4, 2), reward_form="mean_logp"), "ref_logps shape"),
     ],
 )
 def test_bad_input_raises_clear_errors(mutate, match):
@@ -357,3 +392,9 @@ def test_bad_input_raises_clear_errors(mutate, match):
     kwargs = {k: args.pop(k) for k in ("baseline", "weight_mode", "reward_form") if k in args}
     with pytest.raises(ValueError, match=match):
         pacs_loss(args["logps"], args["ref_logps"], args["mask"], args["labels"], args["group_size"], **kwargs)
+
+
+def test_numpy_integer_group_size_is_accepted():
+    np = pytest.importorskip("numpy")
+    logps, ref, mask, labels = _ok()
+    assert torch.equal(pacs_loss(logps, ref, mask, labels, np.int64(2)), pacs_loss(logps, ref, mask, labels, 2))

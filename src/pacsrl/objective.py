@@ -23,6 +23,7 @@ Nothing here knows about configs, trainers or I/O: ``pacsrl.trainer`` calls thes
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Literal, get_args
 
 import torch
@@ -59,8 +60,9 @@ def _check_mode(name: str, value: str, literal) -> None:
 
 
 def _check_groups(n: int, group_size: int) -> None:
-    if not isinstance(group_size, int) or isinstance(group_size, bool):
+    if not isinstance(group_size, numbers.Integral) or isinstance(group_size, bool):
         raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
+    group_size = int(group_size)
     if group_size < 2:
         raise ValueError(
             f"group_size={group_size}: PACS centres each reward against the other members of its group, "
@@ -71,6 +73,13 @@ def _check_groups(n: int, group_size: int) -> None:
             f"N={n} rows is not a multiple of group_size={group_size}: groups must be whole "
             "(G contiguous rows per prompt)"
         )
+
+
+def _check_mask(mask: torch.Tensor, logps: torch.Tensor) -> None:
+    if mask.shape != logps.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} differs from logps shape {tuple(logps.shape)}")
+    if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("mask must hold 0 (padding) or 1 (completion token) only; got other values")
 
 
 def _check_labels(labels: torch.Tensor, n: int) -> None:
@@ -116,8 +125,9 @@ def implicit_reward(
     _check_mode("reward_form", reward_form, RewardForm)
     if logps.dim() != 2:
         raise ValueError(f"logps must have shape (N, T), got {tuple(logps.shape)}")
-    if mask.shape != logps.shape:
-        raise ValueError(f"mask shape {tuple(mask.shape)} differs from logps shape {tuple(logps.shape)}")
+    _check_mask(mask, logps)
+    if ref_logps is not None and ref_logps.shape != logps.shape:
+        raise ValueError(f"ref_logps shape {tuple(ref_logps.shape)} differs from logps shape {tuple(logps.shape)}")
     if not math.isfinite(beta):
         raise ValueError(f"beta must be finite, got {beta}")
     keep = mask.bool()  # (N, T)
@@ -125,10 +135,6 @@ def implicit_reward(
     if reward_form == "sum":
         if ref_logps is None:
             raise ValueError('reward_form="sum" needs ref_logps (the log-probs of pi_old or pi_ref)')
-        if ref_logps.shape != logps.shape:
-            raise ValueError(
-                f"ref_logps shape {tuple(ref_logps.shape)} differs from logps shape {tuple(logps.shape)}"
-            )
         log_ratio = torch.where(keep, logps - ref_logps, zero)  # (N, T)
         return beta * log_ratio.sum(dim=1)  # (N,)
     token_count = keep.sum(dim=1).clamp(min=1).to(logps.dtype)  # (N,)
@@ -157,6 +163,7 @@ def group_centre(rewards: torch.Tensor, group_size: int, baseline: Baseline = "r
     if rewards.dim() != 1:
         raise ValueError(f"rewards must have shape (N,), got {tuple(rewards.shape)}")
     _check_groups(rewards.shape[0], group_size)
+    group_size = int(group_size)
     if baseline == "none":
         return rewards
     r = rewards.view(-1, group_size)  # (B, G)
@@ -185,6 +192,7 @@ def class_weights(labels: torch.Tensor, group_size: int, weight_mode: WeightMode
     n = labels.shape[0] if labels.dim() == 1 else -1
     _check_labels(labels, n)
     _check_groups(n, group_size)
+    group_size = int(group_size)
     y = labels.to(torch.float64)  # exact counts in float64, cast at the end
     dtype = labels.dtype if labels.is_floating_point() else torch.float32
     if weight_mode == "none":
@@ -279,6 +287,7 @@ def on_policy_advantage(
     """
     _check_mode("baseline", baseline, Baseline)
     w = class_weights(labels, group_size, weight_mode)  # (N,)
+    group_size = int(group_size)
     u = w * (labels.to(w.dtype) - 0.5)  # (N,)
     if baseline == "none":
         return u
@@ -318,9 +327,9 @@ def pacs_on_policy_loss(
     n = logps.shape[0] if logps.dim() == 2 else -1
     if logps.dim() != 2:
         raise ValueError(f"logps must have shape (N, T), got {tuple(logps.shape)}")
-    if mask.shape != logps.shape:
-        raise ValueError(f"mask shape {tuple(mask.shape)} differs from logps shape {tuple(logps.shape)}")
+    _check_mask(mask, logps)
     _check_groups(n, group_size)
+    group_size = int(group_size)
     denom = n if num_rows is None else num_rows
     if denom < n or denom <= 0:
         raise ValueError(f"num_rows={num_rows} must be >= the number of rows given ({n})")
