@@ -150,7 +150,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=600, help="maximum number of optimizer steps")
     p.add_argument("--batch-size", type=int, default=32, help="problems per optimizer step")
     p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (linear warm-up, then constant)")
-    p.add_argument("--sft-size", type=int, default=2560, help="distinct warm-start problems (cycled through)")
+    p.add_argument("--sft-size", type=int, default=2900, help="distinct warm-start problems (cycled through)")
     p.add_argument("--task", default=DEMO_TASK, help="reasoning-gym task")
     p.add_argument(
         "--task-config", type=json.loads, default=None, help=f"task options as JSON (default for the demo task: {json.dumps(DEMO_TASK_CONFIG)})"
@@ -160,7 +160,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-at-pass1", type=float, default=None, help="stop once validation pass@1 reaches this (e.g. 0.25)")
     p.add_argument("--eval-every", type=int, default=100, help="steps between validation estimates of pass@1")
     p.add_argument("--val-size", type=int, default=32, help="validation problems (warm-start stream, not trained on)")
-    p.add_argument("--eval-size", type=int, default=128, help="held-out demo eval problems to measure pass@k on")
+    p.add_argument("--eval-size", type=int, default=64, help="held-out demo eval problems to measure pass@k on")
     p.add_argument("--samples", type=int, default=8, help="completions per eval problem (pass@1 and pass@samples)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (the demo targets a shared laptop)")
     return p
