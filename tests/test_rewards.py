@@ -1,7 +1,7 @@
 """Tests of the math verifier (pacsrl.rewards).
 
-Expected values are mathematical truth. Cases where math-verify disagrees with truth are listed in
-DROPPED_CASES with the reason, instead of asserting a wrong value.
+Expected values are mathematical truth, judged on the answer the spec names: the last ``\\boxed{...}`` of
+a completion, or math-verify's fallback when it has no box.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ CORRECTED = (
     r"First \boxed{3}. Hmm, that contradicts the second condition, so let us redo the computation "
     r"carefully from the start. Now \boxed{5}."
 )
+
+SELF_CORRECTED = r"So \boxed{3}. Wait, no: \boxed{5}"
 
 PARTS = [{"type": "text", "text": r"\boxed{"}, {"type": "text", "text": "9}"}]
 
@@ -93,12 +95,28 @@ CASES = [
     pytest.param(r"Adding gives 5, so it is $\boxed{12}$.", "12", 1.0, id="text-inline-math"),  # box in $..$
     pytest.param("We get \\boxed{12}.\nBecause 3 * 4 = 12 and 7 is odd.", "12", 1.0, id="text-after-box"),
     # ^ numbers after the box do not override it
-    # several boxes: the last one counts
+    # several boxes: the last one counts, however close the boxes are (math-verify alone would merge boxes
+    # listed within ~70 characters into one set answer)
     pytest.param(CORRECTED, "5", 1.0, id="boxes-last-right"),  # the final answer is 5
     pytest.param(CORRECTED, "3", 0.0, id="boxes-earlier-right"),  # 3 was retracted
-    # boxes listed together (",", "and", "or" within 70 characters) are one answer, as math-verify reads them:
-    pytest.param(r"It is \boxed{3} or \boxed{5}.", "5", 0.0, id="boxes-hedging"),  # "3 or 5" is not 5
-    pytest.param(r"$x = \boxed{2}$ and $x = \boxed{-3}$", r"\{-3, 2\}", 1.0, id="boxes-roots"),  # {2,-3}
+    pytest.param(SELF_CORRECTED, "5", 1.0, id="boxes-self-correction"),  # the last box is 5
+    pytest.param(SELF_CORRECTED, "3", 0.0, id="boxes-self-correction-retracted"),  # 3 was retracted
+    pytest.param(r"\boxed{3}, \boxed{5}", "5", 1.0, id="boxes-adjacent-comma"),  # the last box is 5
+    pytest.param(r"\boxed{3}\boxed{5}", r"\{3,5\}", 0.0, id="boxes-adjacent-not-a-set"),  # 5 != {3,5}
+    pytest.param(r"It is \boxed{3} or \boxed{5}.", "5", 1.0, id="boxes-hedging"),  # the last box is 5
+    pytest.param(r"It is \boxed{3} or \boxed{5}.", "3", 0.0, id="boxes-hedging-first"),  # the last box is 5
+    pytest.param(r"$x = \boxed{2}$ and $x = \boxed{-3}$", r"\{-3,2\}", 0.0, id="boxes-roots"),  # -3 != {-3,2}
+    pytest.param(r"$x = \boxed{2}$ and $x = \boxed{-3}$", "-3", 1.0, id="boxes-roots-last"),  # the last box
+    pytest.param(r"$x \in \boxed{\{1, 2\}}$", r"\{2,1\}", 1.0, id="boxes-set-in-one-box"),  # {1,2} = {2,1}
+    pytest.param(r"\boxed{2}, so \boxed{\frac{1}{2}}", r"\frac{1}{2}", 1.0, id="boxes-nested-braces"),  # 1/2
+    pytest.param(r"\boxed{1},\boxed{\sqrt{\frac{9}{4}}}", r"\frac{3}{2}", 1.0, id="boxes-nested-deep"),  # 3/2
+    pytest.param(r"\boxed{3}, then $\fbox{5}$", "5", 1.0, id="boxes-fbox-last"),  # \fbox is a box too: 5
+    pytest.param(r"\fbox{5}", "5", 1.0, id="fbox-alone"),  # read as \boxed{5}
+    pytest.param(r"\boxed{3}. Wait: \boxed 5", "5", 1.0, id="boxes-last-without-brace"),  # \boxed 5 reads 5
+    # an unclosed last box (a truncated completion) holds no answer: math-verify is given the text from it
+    # on, "\boxed{5", where its fallbacks find nothing; the earlier, closed box is never read
+    pytest.param(r"\boxed{3}. Wait, it is \boxed{5", "5", 0.0, id="boxes-last-unclosed"),  # no answer
+    pytest.param(r"\boxed{3}. Wait, it is \boxed{5", "3", 0.0, id="boxes-last-unclosed-retracted"),  # not 3
     # no box: math-verify's fallbacks
     pytest.param("The answer is 7.", "7", 1.0, id="nobox-answer-is"),  # "answer is" anchor
     pytest.param(r"So the final answer is $\frac{1}{2}$", r"\frac{1}{2}", 1.0, id="nobox-latex"),  # $...$
@@ -138,9 +156,6 @@ CASES = [
         id="chat-content-parts",  # text parts joined: \boxed{9}
     ),
 ]
-
-# Cases where math-verify 0.9.0 disagrees with mathematical truth; not asserted.
-DROPPED_CASES = []
 
 
 @pytest.fixture(autouse=True)
@@ -231,12 +246,33 @@ def test_long_completions_keep_their_answer():
     assert verify_answer(r"\boxed{3} " + filler + r"\boxed{5}", "3") is False
 
 
+def test_answer_text_is_the_last_box_alone():
+    answer_text = math_module._answer_text
+    # the last box, sent as \boxed{content}; nested and escaped braces are kept whole, earlier boxes dropped
+    assert answer_text(r"$\boxed{2}$ and $\boxed{\frac{1}{\{2\}}}$.", 1000) == r"\boxed{\frac{1}{\{2\}}}"
+    assert answer_text(r"\boxed{3} then \fbox {5} done", 1000) == r"\boxed{5}"  # \fbox, space before {
+    # a last box without an opening brace, or unclosed: the text from its command on
+    assert answer_text(r"\boxed{3}. \boxed 5.", 1000) == r"\boxed 5."
+    assert answer_text(r"\boxed{3}. \boxed{5", 1000) == r"\boxed{5"
+    # no box: the last max_chars characters
+    text = "x" * 5000 + "the answer is 7"
+    assert answer_text(text, 1000) == text[-1000:]
+    # huge unbalanced input: a box not closed within max_chars is read as unclosed, cut to max_chars
+    start = time.monotonic()
+    huge = "\\boxed{" + "{" * 3_000_000 + "}"
+    assert answer_text(huge, 1000) == huge[:1000]
+    many = "\\boxed{" * 500_000
+    assert answer_text(many, 1000) == "\\boxed{"
+    assert time.monotonic() - start < 2, "the box scan must be linear and bounded by max_chars"
+
+
 def test_pathological_inputs_are_bounded():
     reward = make_math_reward(timeout=2.0)
     completions = [
         r"\boxed{9^{9^{9^{9}}}}",  # sympy would try to evaluate a number with ~10^369693099 digits
         "\\boxed{" + "{" * 5000 + "1" + "}" * 5000 + "}",  # thousands of nested braces
         "\\boxed{" * 5000,  # thousands of unclosed boxes
+        "\\boxed{1}, \\boxed{" + "{" * 2_000_000,  # 1, then a megabyte-long unclosed last box: not 1
         "x" * 3_000_000,  # megabytes of text without a box
         "1/" * 200_000 + "1",  # a huge plain expression for the fallback extractor
         "$" * 100_000 + "\\frac{" * 1000,  # unbalanced delimiters everywhere

@@ -9,7 +9,8 @@ state of a training process out of the worker.
 Protocol over stdin/stdout: each message is a 4-byte big-endian length followed by that many bytes of
 ASCII JSON. The worker first sends ``{"ready": true}``, then answers each request with one message:
 
-* ``{"op": "verify", "pred": str, "gold": str}`` -> ``{"ok": bool}`` (gold is wrapped in ``\\boxed{}``)
+* ``{"op": "verify", "pred": str, "gold": str}`` -> ``{"ok": bool}`` (gold is wrapped in ``\\boxed{}``;
+  pred is the last box of a completion, or its tail when it has none)
 * ``{"op": "gold", "gold": str}`` -> ``{"ok": bool}`` (True when the gold parses to a math object)
 
 An exception inside math-verify is answered with ``{"ok": false, "error": "..."}``. EOF on stdin ends the
@@ -72,8 +73,9 @@ def main() -> None:
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
     from sympy import Basic, MatrixBase
 
-    # The last \boxed{} wins: boxed answers get the top priority and only the rightmost match is tried.
-    # Without a box, math-verify falls back to its usual anchors ("answer is ...", last $...$, last number).
+    # The parent sends a completion's last box alone (math.py's _answer_text), so boxed answers get the top
+    # priority here; without a box, math-verify falls back to its usual anchors ("answer is ...", last
+    # $...$, last number).
     pred_config = (LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig())
 
     @lru_cache(maxsize=4096)

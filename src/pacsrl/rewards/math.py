@@ -1,9 +1,14 @@
 """Math verifier: a completion earns 1.0 when its last ``\\boxed{}`` answer equals the gold answer.
 
 Equivalence is math-verify's (https://github.com/huggingface/Math-Verify), with the gold answer wrapped in
-``\\boxed{}`` as in the PACS paper. Every check runs in a worker subprocess (:mod:`pacsrl.rewards._worker`)
-that is killed when it overruns its deadline, so a reward call never raises on completion text, never
-hangs, and works from any thread or process (math-verify's own ``signal.alarm`` timeouts do not).
+``\\boxed{}`` as in the PACS paper. Which answer is judged is decided here, not by math-verify: a completion
+with a box is judged on its last box alone (math-verify, given the whole text, would merge boxes written
+within about 70 characters of each other, "\\boxed{3}, \\boxed{5}", into one set answer); one without a box
+is judged by math-verify's fallbacks ("answer is ...", last ``$...$``, last number).
+
+Every check runs in a worker subprocess (:mod:`pacsrl.rewards._worker`) that is killed when it overruns
+its deadline, so a reward call never raises on completion text, never hangs, and works from any thread or
+process (math-verify's own ``signal.alarm`` timeouts do not).
 
 A check that times out or crashes scores 0.0 and is counted in :func:`verifier_stats`; the reward
 function also reports the fraction per batch through TRL's ``log_metric`` hook.
@@ -16,6 +21,7 @@ import json
 import logging
 import math
 import os
+import re
 import select
 import subprocess
 import sys
@@ -34,8 +40,10 @@ DEFAULT_TIMEOUT = 5.0
 DEFAULT_MAX_CHARS = 10_000
 # Spawning a worker imports SymPy (about a second, more on a loaded machine); not part of any job's budget.
 _STARTUP_TIMEOUT = 120.0
-# Text kept before the last \boxed so that an enclosing $...$ or \[...\] is still seen by math-verify.
-_BOX_CONTEXT_CHARS = 1_000
+# The box commands math-verify reads (latex2sympy2_extended's extract_boxed_content handles both).
+_BOX_COMMANDS = ("\\boxed", "\\fbox")
+_BOX_OPENING = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_BRACES = re.compile(r"[{}]")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -302,20 +310,32 @@ def _validate_timeout(timeout: float) -> float:
     return float(timeout)
 
 
-def _answer_region(text: str, max_chars: int) -> str:
-    """Cut a long completion down to the region math-verify would extract the answer from.
+def _answer_text(text: str, max_chars: int) -> str:
+    """The text math-verify is given for a completion: its last box alone, or, without a box, its tail.
 
-    Keeps from a little before the last ``\\boxed`` to at most ``max_chars`` later (the box, and what follows
-    it, are what math-verify reads first); without a box, keeps the last ``max_chars`` characters, where its
-    fallbacks ("answer is ...", last ``$...$``, last number) look. Texts up to ``max_chars`` are unchanged.
+    * The last ``\\boxed{...}`` (or ``\\fbox{...}``) is found by its command's last occurrence and a
+      brace-matching scan, and sent as ``\\boxed{<its content>}``: earlier boxes, however close, are never
+      seen. Braces are counted as math-verify counts them (``\\{`` and ``\\}`` included).
+    * A last box with no opening brace (``\\boxed 5``) or whose braces do not close within ``max_chars``
+      characters (a truncated completion) is sent as the text from its command on, at most ``max_chars``
+      characters: earlier boxes still never count, and math-verify reads what it can from that text.
+    * Without a box, the last ``max_chars`` characters, where math-verify's fallbacks look ("answer is ...",
+      last ``$...$``, last number); texts up to ``max_chars`` are unchanged.
+
+    Linear in ``len(text)``, and the scan reads at most ``max_chars`` characters, so any input is cheap.
     """
-    if len(text) <= max_chars:
-        return text
-    box = text.rfind("\\boxed")
-    if box == -1:
+    start = max(text.rfind(command) for command in _BOX_COMMANDS)
+    if start == -1:
         return text[-max_chars:]
-    start = max(0, box - _BOX_CONTEXT_CHARS)
-    return text[start : start + max_chars]
+    tail = text[start : start + max_chars]
+    opening = _BOX_OPENING.match(tail)
+    if opening is not None:
+        depth = 0
+        for brace in _BRACES.finditer(tail, opening.end() - 1):
+            depth += 1 if brace.group() == "{" else -1
+            if depth == 0:
+                return "\\boxed{" + tail[opening.end() : brace.start()] + "}"
+    return tail
 
 
 Outcome = Literal["ok", "timeout", "error"]
@@ -353,7 +373,7 @@ def _short(text: str, n: int = 80) -> str:
 
 
 def _verify(text: str, gold: str, timeout: float, max_chars: int, pool: _WorkerPool) -> tuple[bool, Outcome]:
-    pred = _answer_region(text, max_chars)
+    pred = _answer_text(text, max_chars)
     message = {"op": "verify", "pred": pred, "gold": gold}
     return _check(pool, message, timeout, f"completion {_short(pred)} against gold {_short(gold)}")
 
@@ -361,6 +381,7 @@ def _verify(text: str, gold: str, timeout: float, max_chars: int, pool: _WorkerP
 def verify_answer(completion_text: str, gold: str, timeout: float = DEFAULT_TIMEOUT) -> bool:
     """Whether the final answer of ``completion_text`` equals ``gold`` (the math reward as a bool).
 
+    The final answer is the last ``\\boxed{...}`` alone, or math-verify's fallback when there is no box.
     Never raises on the text itself and returns within about ``timeout`` seconds (plus the start-up of a
     worker subprocess, about a second, on first use and after a timeout); a timeout counts as False.
     """
@@ -427,7 +448,9 @@ def _completion_text(completion: Any, index: int) -> str:
 class MathReward:
     """TRL reward function: 1.0 when a completion's last ``\\boxed{}`` equals the row's gold answer, else 0.0.
 
-    Build it with :func:`make_math_reward`. Called by TRL as ``func(prompts=..., completions=...,
+    Only the last box is judged, even when boxes are listed together ("\\boxed{3}, \\boxed{5}" answers 5);
+    a completion without a box is judged by math-verify's fallbacks ("answer is ...", last ``$...$``, last
+    number). Build it with :func:`make_math_reward`. Called by TRL as ``func(prompts=..., completions=...,
     completion_ids=..., answer=[...], ...)``; it reads ``completions`` and the dataset column ``answer``.
     Instances are picklable and can be shared by threads.
     """
@@ -498,8 +521,9 @@ def make_math_reward(
         timeout: seconds allowed per completion (parse + compare); a timeout scores 0.0 and is counted.
         num_workers: verifier subprocesses used per process (a batch is spread over them). Each holds a
             Python interpreter with SymPy, about 100 MB.
-        max_chars: completions longer than this are cut to the region around their last ``\\boxed`` (or
-            their tail when there is none) before parsing; real answers are unaffected.
+        max_chars: the longest box content read (a last box that does not close within it is read as
+            the text from it on, cut to ``max_chars``); completions without a box are cut to their last
+            ``max_chars`` characters before parsing. Real answers are unaffected.
         name: the function's ``__name__``, which TRL uses to name the reward in its logs.
 
     Raises:
