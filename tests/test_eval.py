@@ -17,6 +17,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
+import torch
 
 from pacsrl.eval import (
     EvalConfig,
@@ -31,7 +32,7 @@ from pacsrl.eval import (
     run_eval,
     sample_completions,
 )
-from pacsrl.eval.rollouts import read_rollouts
+from pacsrl.eval.rollouts import read_rollouts, repair_rollouts
 from pacsrl.eval.sampling import HFSampler
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -244,11 +245,12 @@ class CountingSampler:
         return self.inner(prompts, n, seed=seed)
 
 
-def independent_metrics(rollouts: Path, ks: list[int]) -> dict:
-    """pass@k per source and overall from rollouts.jsonl, with exact rationals (no pacsrl code)."""
+def independent_metrics(rollouts: Path | list[dict], ks: list[int]) -> dict:
+    """pass@k per source and overall from rollouts.jsonl (or its records), with exact rationals (no
+    pacsrl code)."""
     groups: dict[str, list[tuple[int, int]]] = {}
-    for line in rollouts.read_text().splitlines():
-        record = json.loads(line)
+    records = rollouts if isinstance(rollouts, list) else map(json.loads, rollouts.read_text().splitlines())
+    for record in records:
         n, c = len(record["scores"]), sum(s >= 1.0 for s in record["scores"])
         groups.setdefault(record["source"], []).append((n, c))
         groups.setdefault("all", []).append((n, c))
@@ -316,14 +318,22 @@ def test_evaluate_model_in_memory_writes_nothing(tiny_model, tmp_path, monkeypat
     assert list(tmp_path.iterdir()) == []
     assert result.metrics["ks"] == [1, 2, 4]
     assert set(result.metrics["sources"]) == {"alpha", "beta"}
+    assert [(r["source"], r["answer"]) for r in result.records] == [
+        (p["source"], p["answer"]) for p in PROBLEMS
+    ]
+    all_scores = []
     for r in result.records:
-        assert len(r["completions"]) == 4 and r["num_correct"] == sum(s == 1.0 for s in r["scores"])
-        assert r["scores"] == parity_reward(
-            [[{"content": t}] for t in r["completions"]],
-            [r["answer"]] * 4,
-            source=[r["source"]] * 4,
-            level=[1] * 4,
-        )
+        assert len(r["completions"]) == 4 and all(isinstance(t, str) for t in r["completions"])
+        # parity_reward's rule written out again: 1 when the first character's code point is even
+        expected = [1.0 if t != "" and ord(t[0]) % 2 == 0 else 0.0 for t in r["completions"]]
+        assert r["scores"] == expected
+        assert r["num_correct"] == expected.count(1.0)
+        all_scores += expected
+    assert 0 < sum(all_scores) < len(all_scores)  # mixed scores, so the checks can fail
+    for group, values in independent_metrics(result.records, [1, 2, 4]).items():
+        got = result.metrics["all"] if group == "all" else result.metrics["sources"][group]
+        for k, value in values.items():
+            assert got[f"pass@{k}"] == pytest.approx(value, abs=1e-12), (group, k)
     assert "| alpha | model | 3 | 4 |" in result.table
     flat = flatten_metrics(result.metrics)
     assert flat["eval/alpha/pass@2"] == result.metrics["sources"]["alpha"]["pass@2"]
@@ -420,8 +430,64 @@ def test_resume_refuses_other_settings_unless_overwrite(tiny_model, tmp_path):
     assert json.loads((out / "settings.json").read_text())["temperature"] == 1.0
 
 
+def test_resume_refuses_another_dtype_or_backend(tiny_model_dir, tmp_path, monkeypatch):
+    # bf16 vLLM samples and fp32 transformers samples must never share one rollouts.jsonl
+    out = tmp_path / "run"
+    first = _config(tiny_model_dir, out, dtype="float32", backend="hf")
+    run_eval(first, dataset=PROBLEMS[:2], reward_fn=parity_reward, progress=False)
+    before = (out / "rollouts.jsonl").read_bytes()
+    assert json.loads((out / "settings.json").read_text())["backend_used"] == "hf"
+
+    with pytest.raises(ValueError, match=r"cannot resume.*dtype: 'float32' in the folder, 'bfloat16' now"):
+        run_eval(
+            _config(tiny_model_dir, out, dtype="bfloat16", backend="hf"), dataset=PROBLEMS, progress=False
+        )
+    # "auto" is compared as what it resolves to: vllm (on a GPU machine with vLLM) is refused ...
+    monkeypatch.setattr("pacsrl.eval.run.resolve_backend", lambda backend: "vllm")
+    with pytest.raises(ValueError, match=r"backend_used: 'hf' in the folder, 'vllm' now"):
+        run_eval(
+            _config(tiny_model_dir, out, dtype="float32", backend="auto"), dataset=PROBLEMS, progress=False
+        )
+    assert (out / "rollouts.jsonl").read_bytes() == before  # refused before anything was written
+    # ... and hf resumes: only the 3 new problems are sampled
+    monkeypatch.setattr("pacsrl.eval.run.resolve_backend", lambda backend: "hf")
+    result = run_eval(
+        _config(tiny_model_dir, out, dtype="float32", backend="auto"),
+        dataset=PROBLEMS,
+        reward_fn=parity_reward,
+        progress=False,
+    )
+    assert len(result.records) == len(PROBLEMS)
+    assert (out / "rollouts.jsonl").read_bytes().startswith(before)
+
+
+def _record(id_: str) -> dict:
+    return {"id": id_, "source": "s", "prompt": "p", "answer": "1", "completions": ["x"], "scores": [1.0]}
+
+
+def test_read_rollouts_never_writes_and_repair_keeps_finished_lines(tmp_path, caplog):
+    path = tmp_path / "rollouts.jsonl"
+    finished = (json.dumps(_record("a")) + "\n").encode()
+    # a truncated last line: read skips it (with a warning) and leaves the file alone
+    path.write_bytes(finished + json.dumps(_record("b")).encode()[:20])
+    with caplog.at_level("WARNING", logger="pacsrl.eval.rollouts"):
+        assert [r["id"] for r in read_rollouts(path)] == ["a"]
+    assert "ignoring a truncated last line (20 bytes)" in caplog.text
+    assert path.read_bytes() == finished + json.dumps(_record("b")).encode()[:20]
+    assert [r["id"] for r in repair_rollouts(path)] == ["a"]
+    assert path.read_bytes() == finished  # cut off, the finished line kept byte for byte
+
+    # a complete last line whose newline was never written: kept; repair adds the newline
+    path.write_bytes(finished + json.dumps(_record("b")).encode())
+    assert [r["id"] for r in read_rollouts(path)] == ["a", "b"]
+    assert not path.read_bytes().endswith(b"\n")
+    repair_rollouts(path)
+    assert path.read_bytes() == finished + (json.dumps(_record("b")) + "\n").encode()
+    assert repair_rollouts(tmp_path / "missing.jsonl") == [] and not (tmp_path / "missing.jsonl").exists()
+
+
 def test_read_rollouts_rejects_corruption_that_no_crash_makes(tmp_path):
-    good = {"id": "a", "source": "s", "prompt": "p", "answer": "1", "completions": ["x"], "scores": [1.0]}
+    good = _record("a")
     path = tmp_path / "rollouts.jsonl"
     path.write_text(json.dumps(good) + "\n{broken\n" + json.dumps({**good, "id": "b"}) + "\n")
     with pytest.raises(ValueError, match=r"rollouts.jsonl:2: not a complete rollout record"):
@@ -478,6 +544,36 @@ def test_compare_plot_has_one_line_per_model(tiny_model, tmp_path):
     assert table.count("| all |") == 3
 
 
+def test_compare_only_reads_the_run_folders(tiny_model, tmp_path, caplog, capsys):
+    # --compare (and load_run) must never rewrite another run's files, not even to drop a crash's trace
+    model, tokenizer = tiny_model
+    sampler = HFSampler(model, tokenizer, max_new_tokens=3, progress=False)
+    dirs = [tmp_path / "a", tmp_path / "b"]
+    for d in dirs:
+        config = _config("tiny", d, name=d.name)
+        run_eval(config, dataset=PROBLEMS, sampler=sampler, reward_fn=parity_reward, progress=False)
+    rollouts = dirs[1] / "rollouts.jsonl"
+    text = rollouts.read_bytes()
+    rollouts.write_bytes(text[: len(text) - 40])  # b crashed while writing its last line
+
+    def snapshot():
+        return {p: p.read_bytes() for d in dirs for p in sorted(d.iterdir())}
+
+    before = snapshot()
+    with caplog.at_level("WARNING", logger="pacsrl.eval.rollouts"):
+        table, _, results = compare_runs(dirs, output=tmp_path / "cmp")
+    assert snapshot() == before
+    assert f"{rollouts}: ignoring a truncated last line" in caplog.text
+    assert [len(r.records) for r in results] == [len(PROBLEMS), len(PROBLEMS) - 1]  # b's last line ignored
+    assert "| beta | b | 1 | 4 |" in table
+
+    from pacsrl.cli import main
+
+    assert main(["eval", "--compare", *map(str, dirs)]) == 0  # the CLI path, without --output
+    assert "| beta | b | 1 | 4 |" in capsys.readouterr().out
+    assert snapshot() == before
+
+
 # --------------------------------------------------------------------------------------------------
 # CLI
 
@@ -531,3 +627,82 @@ def test_cli_eval_recompute_compare(tiny_model_dir, dataset_file, tmp_path, monk
         main(["eval", "--model", str(tiny_model_dir), "--datasets", str(dataset_file), "--top-p", "0"])
     assert "top_p=0.0 must be in (0, 1]" in capsys.readouterr().err
     del sys.modules["my_scorers"]
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU: the vLLM backend against the transformers backend
+
+
+def _save_gpu_model(path: Path) -> Path:
+    """A tiny random Qwen2 with a char-level tokenizer, shaped for vLLM's kernels (head_dim 64)."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    specials = ["<pad>", "</s>", "<unk>"]
+    chars = [ch for ch in string.printable if ch not in "\t\n\r\x0b\x0c"]
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + chars)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
+    tokenizer.chat_template = (
+        "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}[assistant]{% endif %}"
+    )
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=128,  # >= the 98 tokens, a multiple of 8 for the kernels
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=1,
+    )
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.gpu
+def test_vllm_and_hf_backends_give_the_same_output_structure(tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    pytest.importorskip("vllm")
+    model_dir = _save_gpu_model(tmp_path / "model")
+    n = 4
+    results = {}
+    for backend in ("hf", "vllm"):  # hf first: its tiny model is freed before vLLM takes GPU memory
+        config = _config(
+            model_dir,
+            tmp_path / backend,
+            backend=backend,
+            n=n,
+            max_new_tokens=8,
+            dtype="float16",
+            gpu_memory_utilization=0.3,
+        )
+        results[backend] = run_eval(config, dataset=PROBLEMS, reward_fn=parity_reward, progress=False)
+    hf, vllm = results["hf"], results["vllm"]
+    for backend, result in results.items():
+        assert result.settings["backend_used"] == backend
+        assert len(result.records) == len(PROBLEMS)
+        for r in result.records:
+            assert len(r["completions"]) == len(r["scores"]) == n, backend
+            assert all(isinstance(t, str) for t in r["completions"]), backend
+            assert set(r["scores"]) <= {0.0, 1.0} and r["num_correct"] == r["scores"].count(1.0), backend
+        lines = (tmp_path / backend / "rollouts.jsonl").read_text().splitlines()
+        assert [json.loads(line)["id"] for line in lines] == [r["id"] for r in result.records]
+    assert [r["id"] for r in hf.records] == [r["id"] for r in vllm.records]
+    assert [set(r) for r in hf.records] == [set(r) for r in vllm.records]
+    assert hf.metrics["ks"] == vllm.metrics["ks"] == [1, 2, 4]
+    assert set(hf.metrics["sources"]) == set(vllm.metrics["sources"]) == {"alpha", "beta"}
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == sorted(
+        p.name for p in (tmp_path / "vllm").iterdir()
+    )

@@ -5,9 +5,25 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-# Settings that change what is sampled or how it is scored: a run folder refuses to resume under
-# different values (the other settings, e.g. batch size or backend, only change how fast it runs).
-RESUME_KEYS: tuple[str, ...] = ("model", "n", "temperature", "top_p", "max_new_tokens", "seed", "reward")
+# Settings (keys of a run's settings.json) that change what is sampled or how it is scored: a run folder
+# refuses to resume under different values, so one rollouts.jsonl never mixes two sampling setups.
+# - "dtype" and the backend change the numerics (bf16 vLLM kernels vs fp32 transformers), hence samples.
+# - The backend is compared as "backend_used", the backend "auto" resolved to, not as the "backend"
+#   option: "auto" gives vllm on a GPU machine with vLLM and hf elsewhere, so two runs both asking for
+#   "auto" can sample differently, while "auto" and "hf" that both resolve to hf sample the same way.
+# The other settings (batch_size, chunk_size, gpu_memory_utilization, limit, ...) only change how
+# fast it runs or which problems are included; threshold only changes the counting (see --recompute).
+RESUME_KEYS: tuple[str, ...] = (
+    "model",
+    "n",
+    "temperature",
+    "top_p",
+    "max_new_tokens",
+    "seed",
+    "reward",
+    "dtype",
+    "backend_used",
+)
 
 
 @dataclass
@@ -55,8 +71,9 @@ class EvalConfig:
     chunk_size: int | None = field(
         default=None,
         metadata={
-            "help": "Problems per sampler call; each finished chunk is saved, so this is the unit of resume. "
-            "Default: max(1, batch_size // n) for hf, 64 for vllm."
+            "help": "Problems per sampler call (one vLLM generate call, or hf generate calls of batch_size "
+            "sequences); each finished chunk is saved, so this is the unit of resume. Default: "
+            "max(1, batch_size // n) for hf, 64 for vllm."
         },
     )
     limit: int | None = field(

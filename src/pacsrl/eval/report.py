@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import StrMethodFormatter
 
 from pacsrl.eval.metrics import OVERALL
 
@@ -72,6 +73,7 @@ def plot_pass_at_k(runs: Sequence[Run], path: str | Path | None = None) -> Figur
             values = [100 * group[f"pass@{k}"] for k in ks]
             ax.plot(ks, values, marker="o", markersize=3, color=f"C{i % 10}", label=name)
         ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(StrMethodFormatter("{x:g}"))  # 1, 2, 4, ... rather than 2^0, 2^1, ...
         ax.set_title(source)
         ax.set_xlabel("k")
         ax.set_ylabel("pass@k (%)")

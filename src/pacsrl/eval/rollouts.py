@@ -3,8 +3,10 @@ duplicates a finished problem.
 
 A line is ``{"id", "source", "prompt", "answer", "completions": [n texts], "scores": [n floats],
 "num_correct", "columns": {other dataset columns}}``. Each line is written whole, then flushed and
-fsynced; a crash can only leave a truncated *last* line, which ``read_rollouts`` drops (the problem is
-simply sampled again) before rewriting the file cleanly.
+fsynced; a crash can only leave a truncated *last* line. ``read_rollouts`` only reads: it skips such a
+line with a warning and never changes the file, so reading (``--compare``, ``--recompute``) is safe on
+any folder, even one that another process is still writing. ``repair_rollouts`` cuts the line off; only a
+run that is about to append to the file calls it (the problem is then simply sampled again).
 """
 
 from __future__ import annotations
@@ -22,7 +24,14 @@ logger = logging.getLogger(__name__)
 ROLLOUTS_FILE = "rollouts.jsonl"
 REQUIRED_KEYS = ("id", "source", "prompt", "answer", "completions", "scores")
 
-__all__ = ["ROLLOUTS_FILE", "append_rollout", "problem_ids", "read_rollouts", "write_rollouts"]
+__all__ = [
+    "ROLLOUTS_FILE",
+    "append_rollout",
+    "problem_ids",
+    "read_rollouts",
+    "repair_rollouts",
+    "write_rollouts",
+]
 
 
 def problem_ids(sources: Sequence[str], prompts: Sequence[Any]) -> list[str]:
@@ -85,21 +94,13 @@ def _parse(line: bytes) -> dict[str, Any] | None:
     return record
 
 
-def read_rollouts(path: str | Path, *, repair: bool = True) -> list[dict[str, Any]]:
-    """Read ``rollouts.jsonl``; a missing file reads as no records.
-
-    A last line that is cut short (the trace of a crash mid-write) is dropped with a warning and, with
-    ``repair``, the file is rewritten without it. Any other unreadable line, or two lines with the
-    same id, cannot come from a crash and raises ``ValueError`` naming the line.
-    """
-    path = Path(path)
-    if not path.exists():
-        return []
+def _read(path: Path) -> tuple[list[dict[str, Any]], bytes]:
+    """The records of ``path`` and what follows its last newline: ``b""`` in a clean file, else the
+    trace of a crash mid-write (a truncated line, or a complete one whose newline was not written)."""
     data = path.read_bytes()
-    lines = data.split(b"\n")
+    lines = data.split(b"\n")  # the last item is what follows the last newline
     records: list[dict[str, Any]] = []
     seen: dict[str, int] = {}
-    dirty = bool(data) and not data.endswith(b"\n")
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             if line and lineno < len(lines):
@@ -109,7 +110,8 @@ def read_rollouts(path: str | Path, *, repair: bool = True) -> list[dict[str, An
         if record is None:
             if lineno == len(lines):  # no newline after it: a write cut short by a crash
                 logger.warning(
-                    "%s: dropping a truncated last line (%d bytes) left by an interrupted run",
+                    "%s: ignoring a truncated last line (%d bytes) left by an interrupted (or still "
+                    "running) evaluation; resuming that run samples its problem again",
                     path,
                     len(line),
                 )
@@ -125,7 +127,42 @@ def read_rollouts(path: str | Path, *, repair: bool = True) -> list[dict[str, An
                 "were two runs writing to the same folder? Delete one of the lines"
             )
         seen[record["id"]] = lineno
+        if lineno == len(lines):  # complete JSON but no newline: the crash came before the "\n"
+            logger.warning("%s: the last line lacks its newline (an interrupted write); keeping it", path)
         records.append(record)
-    if dirty and repair:
-        write_rollouts(path, records)
+    return records, lines[-1]
+
+
+def read_rollouts(path: str | Path) -> list[dict[str, Any]]:
+    """Read ``rollouts.jsonl``; a missing file reads as no records. Never writes.
+
+    A last line that is cut short (the trace of a crash mid-write, or of a run still writing) is
+    skipped with a warning. Any other unreadable line, or two lines with the same id, cannot come from
+    a crash and raises ``ValueError`` naming the line.
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    return _read(path)[0]
+
+
+def repair_rollouts(path: str | Path) -> list[dict[str, Any]]:
+    """Read ``rollouts.jsonl`` like ``read_rollouts``, then make it safe to append to: a truncated last
+    line is cut off, and a complete last line that lacks its newline gets one; every finished line is
+    kept byte for byte. Only the run that owns the folder, about to append, should call this.
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    records, tail = _read(path)
+    if tail:
+        kept = _parse(tail) is not None  # _read kept it as the last record
+        with open(path, "r+b") as f:
+            if kept:
+                f.seek(0, os.SEEK_END)
+                f.write(b"\n")
+            else:
+                f.truncate(path.stat().st_size - len(tail))
+            f.flush()
+            os.fsync(f.fileno())
     return records

@@ -29,8 +29,15 @@ from pacsrl import __version__
 from pacsrl.eval.config import RESUME_KEYS, EvalConfig
 from pacsrl.eval.metrics import compute_metrics, num_correct
 from pacsrl.eval.report import markdown_table, plot_pass_at_k
-from pacsrl.eval.rollouts import ROLLOUTS_FILE, append_rollout, problem_ids, read_rollouts, write_rollouts
-from pacsrl.eval.sampling import HFSampler, Sampler, load_sampler
+from pacsrl.eval.rollouts import (
+    ROLLOUTS_FILE,
+    append_rollout,
+    problem_ids,
+    read_rollouts,
+    repair_rollouts,
+    write_rollouts,
+)
+from pacsrl.eval.sampling import HFSampler, Sampler, load_sampler, resolve_backend
 
 logger = logging.getLogger(__name__)
 
@@ -313,7 +320,7 @@ def save_results(result: EvalResult, output_dir: str | Path) -> dict[str, Path]:
 
 
 def _check_resume(output_dir: Path, settings: Mapping[str, Any], overwrite: bool) -> list[dict[str, Any]]:
-    """Records to resume from, after checking they were sampled with the same settings."""
+    """Records to resume from, after checking they were sampled with the same settings. Only reads."""
     rollouts = output_dir / ROLLOUTS_FILE
     if overwrite:
         for name in (ROLLOUTS_FILE, METRICS_FILE, TABLE_FILE, PLOT_FILE):
@@ -398,6 +405,8 @@ def run_eval(
         "name": name,
         "output": str(output_dir),
         "pacsrl_version": __version__,
+        # the backend that samples, "auto" resolved: a resume check on it (RESUME_KEYS) needs it up front
+        "backend_used": "custom" if sampler is not None else resolve_backend(config.backend),
     }
     records = _check_resume(output_dir, settings, config.overwrite)
     done = {r["id"] for r in records}
@@ -413,11 +422,11 @@ def run_eval(
     )
     reward_fn = reward_fn or resolve_reward(config.reward)
     if pending:
-        backend = "custom"
+        backend = settings["backend_used"]
         if sampler is None:
             sampler, backend = load_sampler(
                 config.model,
-                config.backend,
+                backend,
                 temperature=config.temperature,
                 top_p=config.top_p,
                 max_new_tokens=config.max_new_tokens,
@@ -428,8 +437,9 @@ def run_eval(
                 tensor_parallel_size=config.tensor_parallel_size,
                 progress=False,
             )
-        settings["backend_used"] = backend
         _write_json(output_dir / SETTINGS_FILE, settings)
+        # Only now, about to append, cut off a truncated last line left by a crash (reads never write).
+        repair_rollouts(output_dir / ROLLOUTS_FILE)
         chunk_size = config.chunk_size or (64 if backend == "vllm" else max(1, config.batch_size // config.n))
         path = output_dir / ROLLOUTS_FILE
         records += _sample_and_score(
@@ -452,7 +462,11 @@ def run_eval(
 
 
 def load_run(run_dir: str | Path, ks: Sequence[int] | None = None) -> EvalResult:
-    """Read a run folder and compute its metrics from ``rollouts.jsonl`` (no model needed)."""
+    """Read a run folder and compute its metrics from ``rollouts.jsonl`` (no model needed).
+
+    Only reads: a truncated last line (a crashed or still-running run) is ignored with a warning and
+    the folder is left byte for byte as it was.
+    """
     run_dir = Path(run_dir)
     rollouts = run_dir / ROLLOUTS_FILE
     if not rollouts.exists():
@@ -476,7 +490,8 @@ def recompute(
     """Recompute a run folder's metrics, table and plot from ``rollouts.jsonl`` without a model.
 
     With ``rescore``, every stored completion is scored again (by ``reward``, default the run's own
-    scorer) and ``rollouts.jsonl`` is rewritten atomically with the new scores.
+    scorer) and ``rollouts.jsonl`` is rewritten atomically with the new scores (so is a new
+    ``threshold``'s ``num_correct``; a truncated last line is then dropped). Otherwise it is only read.
     """
     run_dir = Path(run_dir)
     result = load_run(run_dir, ks)
@@ -506,8 +521,9 @@ def compare_runs(
     """One Markdown table and one plot (a subplot per benchmark, a line per model) from finished runs.
 
     Model names come from each run's settings (``name``, else ``model``); two runs with the same name
-    are told apart by their folder names. With ``output``, writes ``comparison.md``,
-    ``comparison.json`` and ``comparison.png`` there. Returns the table, the matplotlib figure and the runs.
+    are told apart by their folder names. The run folders are only read (see ``load_run``). With
+    ``output``, writes ``comparison.md``, ``comparison.json`` and ``comparison.png`` there. Returns the
+    table, the matplotlib figure and the runs.
     """
     if not run_dirs:
         raise ValueError("compare needs at least one run folder")

@@ -155,9 +155,15 @@ class HFSampler:
 
 
 class VLLMSampler:
-    """``Sampler`` over vLLM: one ``LLM.chat`` (or ``LLM.generate`` for plain-text prompts) call per
-    chunk of prompts with ``SamplingParams(n=...)``; prefix caching shares each prompt's KV cache
-    across its n samples. vLLM is imported here, only when this backend is used.
+    """``Sampler`` over vLLM: each call is one ``LLM.chat`` (or ``LLM.generate`` for plain-text prompts)
+    call with ``SamplingParams(n=...)``; prefix caching shares each prompt's KV cache across its n samples.
+    vLLM is imported here, only when this backend is used.
+
+    An evaluation run calls it once per chunk of ``chunk_size`` problems (default 64), not once for the
+    whole dataset: every problem of a finished chunk is appended to ``rollouts.jsonl`` before the next
+    chunk starts, which is what lets an interrupted run resume. Within a chunk vLLM schedules all
+    ``chunk_size x n`` sequences together; a larger ``--chunk-size`` (up to the dataset size: one call)
+    keeps the GPU fuller at the end of each chunk, at the cost of more work redone after a crash.
     """
 
     def __init__(
