@@ -323,3 +323,54 @@ def test_evaluation_logs_pacs_metrics(tmp_path, reference):
     assert "eval_pacs/groups/mixed" in evals[0]
     # the implicit critic is only scored in evaluation when pi_ref differs from the policy (fixed reference)
     assert ("eval_pacs/critic_accuracy" in evals[0]) == (reference == "fixed")
+
+
+@pytest.mark.slow
+def test_fixed_reference_with_lora_is_a_frozen_adapter_copy(tmp_path):
+    peft = pytest.importorskip("peft")
+    tok = build_tokenizer()
+    common = dict(per_device_train_batch_size=8, num_generations=4, max_completion_length=6, max_steps=3,
+                  report_to=[], use_cpu=True, learning_rate=5e-2, disable_tqdm=True, pacs_reference="fixed",
+                  pacs_ref_reset_steps=2, logging_steps=1)
+    lora = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    trainer = PACSTrainer(model=build_model(tok), reward_funcs=every_third, processing_class=tok,
+                          args=PACSConfig(output_dir=str(tmp_path / "a"), save_strategy="steps", save_steps=2,
+                                          **common),
+                          train_dataset=make_dataset(), peft_config=peft.LoraConfig(**lora))
+
+    def adapters(model):
+        named = dict(model.named_parameters())
+        pairs = [(k, k.replace(".default.", ".pacs_ref.")) for k in named if ".default." in k]
+        assert pairs and all(b in named for _, b in pairs)
+        return [(named[a].detach().clone(), named[b].detach().clone(), named[b].requires_grad) for a, b in pairs]
+
+    start = adapters(trainer.model)
+    assert all(torch.equal(a, b) and not frozen for a, b, frozen in start)  # a frozen copy of the adapter
+    snapshots = {}
+    real = trainer._reset_reference
+
+    def spy():
+        snapshots[trainer.state.global_step] = ("before", adapters(trainer.model))
+        real()
+        snapshots[trainer.state.global_step] = ("after", adapters(trainer.model))
+
+    trainer._reset_reference = spy
+    trainer.train()
+    _, after_reset = snapshots[2]
+    assert all(torch.equal(a, b) for a, b, _ in after_reset)  # reset: reference adapter == trained adapter
+    end = adapters(trainer.model)
+    assert any(not torch.equal(a, b) for a, b, _ in end)  # step 3 moved the policy away from the reference
+    assert all(torch.equal(b_end, b_reset) for (_, b_end, _), (_, b_reset, _) in zip(end, after_reset))
+    log = [h for h in trainer.state.log_history if "pacs/implicit_reward/std" in h]
+    # step 2: one update away from the reference (the implicit reward moves); step 3: just reset, on-policy again
+    assert [h["pacs/on_policy"] for h in log] == [1.0, 0.0, 1.0]
+    assert log[1]["pacs/implicit_reward/std"] > 0
+
+    # resume from checkpoint-2: the reference adapter saved there comes back
+    resumed = PACSTrainer(model=build_model(tok), reward_funcs=every_third, processing_class=tok,
+                          args=PACSConfig(output_dir=str(tmp_path / "b"), save_strategy="no", **common),
+                          train_dataset=make_dataset(), peft_config=peft.LoraConfig(**lora))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    assert resumed._pacs_ref_version == 1
+    assert all(torch.equal(b_res, b_saved) for (_, b_res, _), (_, b_saved, _) in zip(adapters(resumed.model),
+                                                                                     after_reset))

@@ -19,6 +19,7 @@ from trl.trainer.utils import (
     split_pixel_values_by_grid,
     split_tensor_dict,
     unsplit_pixel_values_by_grid,
+    use_adapter,
 )
 
 from pacsrl.config import PACSConfig
@@ -39,6 +40,7 @@ _MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "s
                     "num_images", "num_tiles", "image_position_ids")
 _REF_STATE_FILE = "pacs_reference_state.json"
 _REF_WEIGHTS_FILE = "pacs_reference_model.pt"
+_REF_ADAPTER = "pacs_ref"
 
 
 def labels_from_rewards(rewards_per_func: torch.Tensor, weights: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -88,7 +90,8 @@ class PACSTrainer(GRPOTrainer):
     Overrides, and why:
 
     - ``__init__``: checks that ``args`` is a ``PACSConfig``; builds the frozen reference for
-      ``pacs_reference="fixed"`` and registers the callback that resets it.
+      ``pacs_reference="fixed"`` (a copy of the model, or with PEFT a frozen copy of the adapter, named
+      ``pacs_ref``) and registers the callback that resets it.
     - ``_calculate_rewards``: keeps the rewards of every reward function (gathered across processes), from which
       the 0/1 labels are made; TRL itself only keeps its GRPO advantages.
     - ``_generate_and_score_completions``: adds ``pacs_labels`` and ``pacs_group_ids`` to the batch, checks that
@@ -129,34 +132,67 @@ class PACSTrainer(GRPOTrainer):
         self._pacs_rewards_per_func: torch.Tensor | None = None
         self._pacs_ref_step = 0  # optimizer step at which pi_ref was last set equal to pi_theta
         self._pacs_ref_version = 0  # number of resets of the fixed reference
-        self.pacs_ref_model = None
+        self.pacs_ref_model = None  # the frozen copy (full fine-tuning); with PEFT, an adapter named "pacs_ref"
+        self._pacs_ref_adapter: str | None = None
         if args.pacs_reference == "fixed":
-            self.pacs_ref_model = self._build_fixed_reference()
+            self._build_fixed_reference()
             self.add_callback(_ReferenceResetCallback(self))
 
     # ------------------------------------------------------------------------------------------------
     # fixed reference
     # ------------------------------------------------------------------------------------------------
-    def _build_fixed_reference(self):
-        if is_peft_model(self.model):
-            raise NotImplementedError(
-                "pacs_reference='fixed' with a PEFT model is not supported yet; use pacs_reference='old' (the "
-                "reference code's setting) with PEFT, or train the full model"
-            )
+    def _build_fixed_reference(self) -> None:
         policy = self.accelerator.unwrap_model(self.model)
+        if is_peft_model(policy):
+            # the reference is the base model plus a frozen copy of the trained adapter
+            active = policy.active_adapter
+            policy.add_adapter(_REF_ADAPTER, policy.peft_config[active])
+            policy.set_adapter(active)  # keep training the user's adapter
+            self._pacs_ref_adapter = _REF_ADAPTER
+            for name, param in policy.named_parameters():
+                if f".{_REF_ADAPTER}." in name:
+                    param.requires_grad_(False)
+            self._copy_adapter(active, _REF_ADAPTER)
+            return
         ref = AutoModelForCausalLM.from_config(policy.config, dtype=policy.dtype)
         ref.load_state_dict(policy.state_dict())
         ref.requires_grad_(False).eval()
         add_fused_lm_head(ref, temperature=self.temperature, cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32)
         if self.is_deepspeed_enabled:
-            return prepare_deepspeed(ref, self.accelerator)
-        if self.is_fsdp_enabled:
-            return prepare_fsdp(ref, self.accelerator)
-        return self.accelerator.prepare_model(ref, evaluation_mode=True)
+            self.pacs_ref_model = prepare_deepspeed(ref, self.accelerator)
+        elif self.is_fsdp_enabled:
+            self.pacs_ref_model = prepare_fsdp(ref, self.accelerator)
+        else:
+            self.pacs_ref_model = self.accelerator.prepare_model(ref, evaluation_mode=True)
+
+    def _copy_adapter(self, source: str, target: str) -> None:
+        params = dict(self.accelerator.unwrap_model(self.model).named_parameters())
+        with torch.no_grad():
+            for name, param in params.items():
+                if f".{source}." in name:
+                    params[name.replace(f".{source}.", f".{target}.")].copy_(param)
+
+    def _reference_state(self) -> dict[str, torch.Tensor]:
+        if self._pacs_ref_adapter is not None:
+            policy = self.accelerator.unwrap_model(self.model)
+            return {k: v for k, v in policy.state_dict().items() if f".{self._pacs_ref_adapter}." in k}
+        return self.accelerator.unwrap_model(self.pacs_ref_model).state_dict()
+
+    def _load_reference_state(self, weights: dict[str, torch.Tensor]) -> None:
+        if self._pacs_ref_adapter is not None:
+            missing = self.accelerator.unwrap_model(self.model).load_state_dict(weights, strict=False)
+            if any(f".{self._pacs_ref_adapter}." in k for k in missing.missing_keys):
+                raise RuntimeError("the checkpoint's PACS reference adapter does not match this model")
+            return
+        self.accelerator.unwrap_model(self.pacs_ref_model).load_state_dict(weights)
 
     def _reset_reference(self) -> None:
         """Hard reset: pi_ref <- pi_theta, and the optimizer's moments and step counts cleared (paper v2)."""
-        SyncRefModelCallback.sync_target_model(self.model, self.pacs_ref_model, alpha=1.0)
+        if self._pacs_ref_adapter is not None:
+            policy = self.accelerator.unwrap_model(self.model)
+            self._copy_adapter(policy.active_adapter, self._pacs_ref_adapter)
+        else:
+            SyncRefModelCallback.sync_target_model(self.model, self.pacs_ref_model, alpha=1.0)
         optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps the torch optimizer
         optimizer.state.clear()
         self._pacs_ref_version += 1
@@ -166,17 +202,17 @@ class PACSTrainer(GRPOTrainer):
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
-        if self.pacs_ref_model is None or not self.args.should_save:
+        if self.args.pacs_reference != "fixed" or not self.args.should_save:
             return
         folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
         with open(os.path.join(folder, _REF_STATE_FILE), "w") as f:
             json.dump({"ref_version": self._pacs_ref_version, "ref_step": self._pacs_ref_step}, f)
-        state = self.accelerator.unwrap_model(self.pacs_ref_model).state_dict()
+        state = self._reference_state()
         torch.save({k: v.detach().cpu() for k, v in state.items()}, os.path.join(folder, _REF_WEIGHTS_FILE))
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
-        if self.pacs_ref_model is None or checkpoint is None:
+        if self.args.pacs_reference != "fixed" or checkpoint is None:
             return
         path = os.path.join(checkpoint, _REF_STATE_FILE)
         if not os.path.exists(path):
@@ -188,7 +224,7 @@ class PACSTrainer(GRPOTrainer):
             state = json.load(f)
         self._pacs_ref_version, self._pacs_ref_step = state["ref_version"], state["ref_step"]
         weights = torch.load(os.path.join(checkpoint, _REF_WEIGHTS_FILE), map_location="cpu", weights_only=True)
-        self.accelerator.unwrap_model(self.pacs_ref_model).load_state_dict(weights)
+        self._load_reference_state(weights)
 
     # ------------------------------------------------------------------------------------------------
     # rollouts: labels and group ids
@@ -346,7 +382,11 @@ class PACSTrainer(GRPOTrainer):
         cached = inputs.get("pacs_ref_logps")
         if cached is None or inputs.get("pacs_ref_version") != self._pacs_ref_version:
             with torch.no_grad():
-                cached, _ = self._forward(self.pacs_ref_model, inputs, compute_entropy=False)
+                if self._pacs_ref_adapter is not None:
+                    with use_adapter(self.accelerator.unwrap_model(self.model), self._pacs_ref_adapter):
+                        cached, _ = self._forward(self.model, inputs, compute_entropy=False)
+                else:
+                    cached, _ = self._forward(self.pacs_ref_model, inputs, compute_entropy=False)
             inputs["pacs_ref_logps"] = cached
             inputs["pacs_ref_version"] = self._pacs_ref_version
         return cached
