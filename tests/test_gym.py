@@ -1,15 +1,31 @@
 import json
+import logging
+import pickle
+import random
+import time
 
 import pytest
+from reasoning_gym.utils import extract_answer
 
+import pacsrl.data.gym as gym_module
+import pacsrl.rewards.math as math_module
 from pacsrl.data.gym import (
+    GymReward,
     completion_text,
+    extract_last_answer,
     format_solution,
     make_gym_dataset,
     make_gym_reward,
     make_gym_splits,
     normalize_question,
 )
+from pacsrl.rewards import VerifierStats, reset_verifier_stats, verifier_stats
+
+@pytest.fixture(autouse=True)
+def _fresh_stats():
+    reset_verifier_stats()
+    yield
+
 
 SMALL = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}  # a + b or a - b, digits 0-9
 
@@ -127,3 +143,151 @@ def test_completion_text():
     assert completion_text([{"role": "assistant", "content": "x"}]) == "x"
     assert completion_text([{"role": "user", "content": "q"}]) is None
     assert completion_text(42) is None
+
+
+def test_extract_last_answer_matches_reasoning_gym():
+    # reasoning-gym's regex extraction is the specification; compare on random texts built from tag pieces
+    rng = random.Random(0)
+    pieces = ["<answer>", "</answer>", "<answer", "answer>", " ", "\n", "7", "x", "<", ">", "/"]
+    for _ in range(3000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 12)))
+        assert extract_last_answer(text) == extract_answer(text), repr(text)
+    assert extract_last_answer("<answer>a</answer>b</answer>") == "a"  # first close after an open
+    assert extract_last_answer("<answer>x<answer>y</answer>") == "x<answer>y"  # tags do not nest
+    # linear time where the regex is quadratic (many opening tags and no closing one)
+    start = time.monotonic()
+    assert extract_last_answer("<answer>" * 500_000) is None
+    assert extract_last_answer("<answer>1</answer>" + "<answer>" * 500_000) == "1"
+    assert time.monotonic() - start < 2
+
+
+@pytest.fixture(scope="module")
+def countdown_row():
+    ds = make_gym_dataset("countdown", 1, seed=0)
+    return {name: list(ds[name]) for name in ("answer", "metadata", "question")}
+
+
+def test_pathological_answers_are_bounded(countdown_row, caplog):
+    reward = make_gym_reward("countdown", timeout=2.0)
+    expression = countdown_row["answer"][0]
+    completions = [
+        "<answer>9**9**9**9</answer>",  # countdown's scorer gives it to SymPy's parse_expr: never returns
+        "<answer>" + "(" * 100_000 + "1" + ")" * 100_000 + "</answer>",  # deep nesting
+        "<answer>" + "1+" * 300_000 + "1</answer>",  # a huge expression
+        "x" * 3_000_000 + format_solution("1 + 1"),  # megabytes of text before a wrong answer
+        "<answer>" * 300_000,  # unbalanced tags: nothing to score (quadratic for reasoning-gym's regex)
+        "</answer><answer>" * 100_000 + "<answer>",  # unbalanced the other way round: empty answers
+        "\x00\udcff<answer>\ud800</answer>",  # NUL and lone surrogates
+        format_solution(expression),  # the gold expression itself: full marks, from a fresh worker
+    ]
+    metrics = {}
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="pacsrl.rewards.gym"):
+        rewards = reward(
+            completions,
+            **{k: v * len(completions) for k, v in countdown_row.items()},
+            log_metric=lambda name, value: metrics.__setitem__(name, value),
+        )
+    elapsed = time.monotonic() - start
+    assert rewards == [0.0] * (len(completions) - 1) + [1.0]
+    assert elapsed < 40, f"pathological answers took {elapsed:.1f} s"
+    stats = verifier_stats()
+    assert stats.timeouts >= 1  # at least the power tower
+    assert metrics["countdown_accuracy/timeout_frac"] == stats.timeouts / len(completions)
+    assert any("timed out" in r.getMessage() for r in caplog.records)
+
+
+def test_timeout_is_counted_and_the_next_answers_still_scored(countdown_row):
+    reward = make_gym_reward("countdown", timeout=1.0)
+    gold = format_solution(countdown_row["answer"][0])
+    completions = [gold, "<answer>9**9**9**9</answer>", gold]
+    metrics = {}
+    rewards = reward(
+        completions,
+        **{k: v * 3 for k, v in countdown_row.items()},
+        log_metric=lambda name, value: metrics.__setitem__(name, value),
+    )
+    assert rewards == [1.0, 0.0, 1.0]  # the job after the timeout goes to a fresh worker
+    assert verifier_stats() == VerifierStats(calls=3, timeouts=1, errors=0)
+    assert metrics == {"countdown_accuracy/timeout_frac": 1 / 3, "countdown_accuracy/error_frac": 0.0}
+
+
+RAISING_SCORER = """
+import reasoning_gym
+
+def _raising_scorer(answer, entry):
+    raise KeyError("expression")
+
+reasoning_gym.get_score_answer_fn = lambda task: _raising_scorer
+"""
+
+
+def test_scorer_errors_are_counted_and_logged(tmp_path, monkeypatch, caplog):
+    # The scorer runs in the worker subprocess, so it is patched there: a sitecustomize module on the
+    # worker's PYTHONPATH replaces every task's scorer by one that raises (as a scorer broken by metadata
+    # types changed in the JSON round trip would, on every row).
+    (tmp_path / "sitecustomize.py").write_text(RAISING_SCORER)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    # pools of their own, so that their workers start with the patch (and no other test gets them)
+    monkeypatch.setattr(math_module, "_POOLS", {})
+    reward = make_gym_reward("chain_sum")
+    metrics = {}
+    try:
+        with caplog.at_level(logging.WARNING, logger="pacsrl.rewards.gym"):
+            rewards = reward(
+                ["<answer>7</answer>"] * 5 + ["no tag"],
+                **_columns(["7"] * 6, ["3 + 4"] * 6),
+                log_metric=lambda name, value: metrics.__setitem__(name, value),
+            )
+    finally:
+        math_module.shutdown_workers()
+    assert rewards == [0.0] * 6
+    assert verifier_stats() == VerifierStats(calls=5, timeouts=0, errors=5)  # the untagged one is not a job
+    assert metrics == {"chain_sum_accuracy/timeout_frac": 0.0, "chain_sum_accuracy/error_frac": 5 / 6}
+    warnings = [r.getMessage() for r in caplog.records if "scorer raised" in r.getMessage()]
+    # rate-limited: logged at the 1st, 2nd and 4th error of the task, with the scorer's exception
+    assert len(warnings) == 3 and all("KeyError: 'expression'" in w for w in warnings)
+
+
+@pytest.mark.parametrize(
+    ("task", "key"), [("graph_color", "possible_answer"), ("propositional_logic", "example_answer")]
+)
+def test_tasks_without_a_single_gold_answer(task, key):
+    ds = make_gym_dataset(task, 3, seed=0)
+    assert list(ds["answer"]) == ["", "", ""]  # reasoning-gym's None, never the string "None"
+    columns = {name: ds[name] for name in ("answer", "metadata", "question")}
+    # the scorer checks validity against the metadata: a valid answer the generator stored scores 1.0
+    valid = [json.loads(m)[key] for m in ds["metadata"]]
+    solutions = [format_solution(json.dumps(v) if isinstance(v, dict) else v) for v in valid]
+    reward = make_gym_reward(task)
+    assert reward(solutions, **columns) == [1.0] * 3
+    assert reward([format_solution("None"), format_solution(""), "<answer>"], **columns) == [0.0] * 3
+
+
+def test_empty_gold_answer_is_rejected(monkeypatch):
+    class Generator:  # a task whose gold is the empty string, which would read as "no single gold answer"
+        def __getitem__(self, idx):
+            return {"question": f"q{idx}", "answer": "", "metadata": {}}
+
+    monkeypatch.setattr(gym_module, "_create", lambda task, size, seed, config: Generator())
+    with pytest.raises(ValueError, match="empty string as its gold answer.*question: 'q0'"):
+        make_gym_dataset("chain_sum", 2, seed=0)
+
+
+def test_reward_arguments_and_pickle():
+    reward = make_gym_reward("chain_sum", timeout=2.0, num_workers=2)
+    assert isinstance(reward, GymReward) and reward.timeout == 2.0
+    clone = pickle.loads(pickle.dumps(reward))
+    assert clone.__name__ == "chain_sum_accuracy"
+    # 3 + 4 = 7 in both rows; spread over two workers, order kept
+    completions = ["<answer>7</answer>", "<answer>8</answer>"]
+    assert clone(completions, **_columns(["7", "7"], ["3 + 4"] * 2)) == [1.0, 0.0]
+    with pytest.raises(ValueError, match="unknown reasoning-gym task 'no_such_task'"):
+        make_gym_reward("no_such_task")
+    for bad in (0, -1.0, float("inf"), "5"):
+        with pytest.raises(ValueError, match="timeout"):
+            make_gym_reward("chain_sum", timeout=bad)
+    with pytest.raises(ValueError, match="num_workers"):
+        make_gym_reward("chain_sum", num_workers=0)
+    with pytest.raises(ValueError, match="metadata of row 0 is not a JSON string"):
+        reward(["<answer>7</answer>"], answer=["7"], metadata=["{not json"])

@@ -22,6 +22,7 @@ from pacsrl.rewards import (
     make_math_reward,
     math_reward,
     reset_verifier_stats,
+    score_gym_answers,
     timeout_count,
     verifier_stats,
     verify_answer,
@@ -361,3 +362,32 @@ def test_worker_that_cannot_start_raises_a_clear_error(monkeypatch):
     reward = make_math_reward(num_workers=3)  # a pool of its own, with no worker started yet
     with pytest.raises(RuntimeError, match="did not start"):
         reward([r"\boxed{1}"], answer=["1"])
+
+
+def _chain_sum_entry(expression: str, gold: str) -> dict:
+    return {"question": f"{expression} =", "answer": gold, "metadata": {"expression": expression}}
+
+
+def test_score_gym_answers():
+    answers = ["7", "77", "+07.0", "seven", "-5", "12"]
+    entries = [_chain_sum_entry("3 + 4", "7")] * 4
+    entries += [_chain_sum_entry("3 - 8", "-5"), _chain_sum_entry("9 + 3", "12")]
+    # chain_sum's own scorer: 7 = 7; "77" contains "7", partial credit len("7")/len("77") = 0.5; +07.0 = 7;
+    # "seven" is no decimal (the scorer catches that itself: 0.0); 3 - 8 = -5; 9 + 3 = 12
+    expected = [(1.0, "ok"), (0.5, "ok"), (1.0, "ok"), (0.0, "ok"), (1.0, "ok"), (1.0, "ok")]
+    assert score_gym_answers("chain_sum", answers, entries) == expected
+    # spread over two workers in contiguous chunks: same answers, same order
+    assert score_gym_answers("chain_sum", answers, entries, num_workers=2) == expected
+    assert verifier_stats() == VerifierStats(calls=12, timeouts=0, errors=0)
+    assert score_gym_answers("chain_sum", [], []) == []
+
+
+def test_score_gym_answers_bad_arguments():
+    with pytest.raises(ValueError, match="2 answers but 1 entries"):
+        score_gym_answers("chain_sum", ["1", "2"], [_chain_sum_entry("0 + 1", "1")])
+    with pytest.raises(ValueError, match="timeout"):
+        score_gym_answers("chain_sum", ["1"], [_chain_sum_entry("0 + 1", "1")], timeout=0)
+    # a scorer the worker cannot build is an environment error, not a 0.0
+    with pytest.raises(RuntimeError, match="could not set up 'gym:no_such_task'.*not registered"):
+        score_gym_answers("no_such_task", ["1"], [{}])
+    assert verifier_stats() == VerifierStats()

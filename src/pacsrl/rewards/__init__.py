@@ -1,5 +1,6 @@
 """Verifiable rewards for RLVR, following TRL's reward-function contract."""
 
+from pacsrl.rewards.gym import score_gym_answers
 from pacsrl.rewards.math import (
     MathReward,
     VerifierStats,
@@ -20,6 +21,7 @@ __all__ = [
     "make_math_reward",
     "math_reward",
     "reset_verifier_stats",
+    "score_gym_answers",
     "shutdown_workers",
     "timeout_count",
     "verifier_stats",

@@ -13,8 +13,15 @@ ASCII JSON. The worker first sends ``{"ready": true}``, then answers each reques
   pred is the last box of a completion, or its tail when it has none)
 * ``{"op": "gold", "gold": str}`` -> ``{"ok": bool}`` (True when the gold parses to a math object)
 
-An exception inside math-verify is answered with ``{"ok": false, "error": "..."}``. EOF on stdin ends the
-worker, so it never outlives its parent.
+* ``{"op": "gym_load", "task": str}`` -> ``{"ok": true}`` once ``reasoning_gym`` is imported and the task's
+  scorer (``reasoning_gym.get_score_answer_fn(task)``) is built; it is kept for the worker's lifetime.
+* ``{"op": "gym", "jobs": [{"task": str, "answer": str, "entry": dict}, ...]}`` -> one message per job, in
+  order, each sent as soon as that job is scored: ``{"score": float}``, the scorer's
+  ``score_answer(answer, entry)``. One request for a whole batch keeps the common case at one round trip,
+  while the parent still gives each job its own deadline.
+
+An exception inside math-verify or a scorer is answered with ``{"ok": false, "error": "..."}`` (for that
+job alone). EOF on stdin ends the worker, so it never outlives its parent.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import os
 import struct
 import sys
 from functools import lru_cache
+from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 
 HEADER = struct.Struct(">I")
@@ -83,7 +91,16 @@ def main() -> None:
         # As in the paper: the gold answer is wrapped in \boxed{} before parsing.
         return parse("\\boxed{" + gold + "}", parsing_timeout=None)
 
+    @lru_cache(maxsize=None)
+    def gym_scorer(task: str) -> Callable[[str, dict[str, Any]], float]:
+        import reasoning_gym  # only in workers that score gym tasks: it takes about a second to import
+
+        return reasoning_gym.get_score_answer_fn(task)
+
     def handle(request: dict[str, Any]) -> dict[str, Any]:
+        if request["op"] == "gym_load":
+            gym_scorer(request["task"])
+            return {"ok": True}
         gold = parse_gold(request["gold"])
         if request["op"] == "gold":
             return {"ok": any(isinstance(g, (Basic, MatrixBase)) for g in gold)}
@@ -109,12 +126,25 @@ def main() -> None:
     # real job's deadline is not spent on it.
     handle({"op": "verify", "pred": "\\boxed{\\frac{1}{2}}", "gold": "0.5"})
     write_message(channel, {"ready": True})
-    while (request := read_message(requests)) is not None:
+    def guarded(job: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         try:
-            response = handle(request)
+            return job()
         except Exception as exc:  # reported to the parent, which counts it and scores 0.0
-            response = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
-        write_message(channel, response)
+            return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
+
+    def gym_score(job: dict[str, Any]) -> dict[str, Any]:
+        return {"score": float(gym_scorer(job["task"])(job["answer"], job["entry"]))}
+
+    def serve(request: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        if request.get("op") == "gym":
+            for job in request["jobs"]:
+                yield guarded(lambda: gym_score(job))  # noqa: B023 (called at once)
+        else:
+            yield guarded(lambda: handle(request))
+
+    while (request := read_message(requests)) is not None:
+        for response in serve(request):
+            write_message(channel, response)
 
 
 if __name__ == "__main__":

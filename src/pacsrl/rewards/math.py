@@ -27,7 +27,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -55,9 +55,10 @@ class VerifierStats:
     """Counts of verifier jobs in this process since start-up (or :func:`reset_verifier_stats`).
 
     Args:
-        calls: jobs run (one per completion, or per gold answer in :func:`find_unparseable_gold`).
+        calls: jobs run (one per completion, per gold answer in :func:`find_unparseable_gold`, or per
+            answer given to a reasoning-gym scorer by :func:`pacsrl.rewards.gym.score_gym_answers`).
         timeouts: jobs that overran their deadline; the worker was killed and the job scored 0.0.
-        errors: jobs where math-verify raised or the worker died; scored 0.0.
+        errors: jobs where math-verify or a gym scorer raised, or the worker died; scored 0.0.
     """
 
     calls: int = 0
@@ -129,6 +130,7 @@ class _Worker:
             bufsize=0,
             close_fds=True,
         )
+        self.loaded: set[str] = set()  # keys of the setup requests this worker has run (see run_batch)
         try:
             ready = self._receive(time.monotonic() + _STARTUP_TIMEOUT)
         except (_JobTimeout, _WorkerDied) as exc:
@@ -143,10 +145,18 @@ class _Worker:
 
     def request(self, message: dict[str, Any], timeout: float) -> dict[str, Any]:
         """Send one job and wait at most ``timeout`` seconds for its answer."""
+        self.send(message)
+        return self._receive(time.monotonic() + timeout)
+
+    def send(self, message: dict[str, Any]) -> None:
+        """Send one request without waiting for an answer."""
         try:
             write_message(self.proc.stdin, message)
         except (BrokenPipeError, OSError) as exc:
             raise _WorkerDied(str(exc)) from exc
+
+    def receive(self, timeout: float) -> dict[str, Any]:
+        """Wait at most ``timeout`` seconds for the next answer."""
         return self._receive(time.monotonic() + timeout)
 
     def _receive(self, deadline: float) -> dict[str, Any]:
@@ -260,6 +270,67 @@ class _WorkerPool:
             raise
         self._release(worker)
         return response
+
+    def run_batch(
+        self,
+        request: Callable[[list[Any]], dict[str, Any]],
+        jobs: Sequence[Any],
+        timeout: float,
+        setup: tuple[str, dict[str, Any]] | None = None,
+    ) -> list[dict[str, Any] | None]:
+        """Run jobs sent together: one answer per job, as :meth:`run` gives, each within ``timeout`` seconds.
+
+        ``request(pending_jobs)`` builds the one message that asks for all of them; the worker answers each
+        job in order as it finishes. Job i's deadline runs from the answer to job i-1, so every job gets
+        the whole ``timeout``; on a timeout (None) or a dead worker (an ``error`` answer) the worker is
+        killed, and the jobs after it go to a fresh one.
+
+        ``setup`` is ``(key, message)``: a request that each worker must have answered, under the start-up
+        deadline, before its first batch with that key (e.g. importing a library and building a scorer).
+
+        Raises:
+            RuntimeError: if a worker cannot start or its setup fails (an environment problem, not a job's).
+        """
+        if os.getpid() != self._pid:
+            self._reset()
+        results: list[dict[str, Any] | None] = []
+        while len(results) < len(jobs):
+            pending = list(jobs[len(results) :])
+            worker = self._acquire()
+            try:
+                if setup is not None and setup[0] not in worker.loaded:
+                    self._setup(worker, *setup)
+                worker.send(request(pending))
+                for _ in pending:
+                    results.append(worker.receive(timeout))
+            except _JobTimeout:
+                worker.kill()
+                self._release(None)
+                results.append(None)
+                continue
+            except _WorkerDied as exc:
+                worker.kill()
+                self._release(None)
+                results.append({"error": f"worker died ({exc})"})
+                continue
+            except BaseException:
+                worker.kill()
+                self._release(None)
+                raise
+            self._release(worker)
+        return results
+
+    @staticmethod
+    def _setup(worker: _Worker, key: str, message: dict[str, Any]) -> None:
+        try:
+            response = worker.request(message, _STARTUP_TIMEOUT)
+        except (_JobTimeout, _WorkerDied) as exc:
+            response = {"error": type(exc).__name__.lstrip("_")}
+        if "error" in response:
+            raise RuntimeError(
+                f"the verifier worker subprocess could not set up {key!r}: {response['error']}"
+            )
+        worker.loaded.add(key)
 
     def shutdown(self) -> None:
         """Stop the idle workers (busy ones are stopped by the threads using them)."""
