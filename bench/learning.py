@@ -51,12 +51,23 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, DemoConfig]:
     parser = build_parser()
     parser.prog = "python bench/learning.py"
     parser.description = __doc__
-    parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated methods (default: {DEFAULT_METHODS})")
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds, at least 2 for an interval (default: 0,1,2)")
+    parser.add_argument(
+        "--methods", default=DEFAULT_METHODS, help=f"comma-separated methods (default: {DEFAULT_METHODS})"
+    )
+    parser.add_argument(
+        "--seeds", default="0,1,2", help="comma-separated seeds, at least 2 for an interval (default: 0,1,2)"
+    )
     args = parser.parse_args(argv)
-    given = [flag for flag, dest in (("--algorithms", "algorithms"), ("--beta", "pacs_beta"),
-                                     ("--weight-mode", "pacs_weight_mode"), ("--seed", "seed"))
-             if getattr(args, dest) is not None]
+    given = [
+        flag
+        for flag, dest in (
+            ("--algorithms", "algorithms"),
+            ("--beta", "pacs_beta"),
+            ("--weight-mode", "pacs_weight_mode"),
+            ("--seed", "seed"),
+        )
+        if getattr(args, dest) is not None
+    ]
     if given:
         parser.error(f"{', '.join(given)}: the benchmark sets these per run; use --methods and --seeds")
     try:
@@ -88,8 +99,10 @@ def _check_settings(output: Path, settings: dict[str, Any]) -> None:
         old = json.loads(path.read_text())
         if old != settings:
             changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-            raise SystemExit(f"{output} holds runs made with other settings ({', '.join(changed)}); "
-                             "choose another --output")
+            raise SystemExit(
+                f"{output} holds runs made with other settings ({', '.join(changed)}); "
+                "choose another --output"
+            )
     else:
         path.write_text(json.dumps(settings, indent=2) + "\n")
 
@@ -103,8 +116,11 @@ def summarise(runs: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
     rows = []
     for name, group in methods.items():
         row: dict[str, Any] = {"method": name, "seeds": sorted(r["seed"] for r in group)}
-        for key, values in (("pass@1", [r["pass@1"] for r in group]), (f"pass@{k}", [r[f"pass@{k}"] for r in group]),
-                            ("auc", [r["auc"] for r in group if r["auc"] is not None])):
+        for key, values in (
+            ("pass@1", [r["pass@1"] for r in group]),
+            (f"pass@{k}", [r[f"pass@{k}"] for r in group]),
+            ("auc", [r["auc"] for r in group if r["auc"] is not None]),
+        ):
             row[key] = t_interval(values) if values else (math.nan, math.nan)
         rows.append(row)
     return rows
@@ -117,10 +133,15 @@ def markdown(rows: list[dict[str, Any]], k: int) -> str:
             return "-"
         return f"{100 * mean:.1f}" + ("" if math.isnan(half) else f" ± {100 * half:.1f}")
 
-    lines = [f"| method | seeds | pass@1 (%) | pass@{k} (%) | held-out pass@1 AUC (%) |", "|---|---|---:|---:|---:|"]
+    lines = [
+        f"| method | seeds | pass@1 (%) | pass@{k} (%) | held-out pass@1 AUC (%) |",
+        "|---|---|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['method']} | {len(r['seeds'])} | {cell(r['pass@1'])} | {cell(r[f'pass@{k}'])} | "
-                     f"{cell(r['auc'])} |")
+        lines.append(
+            f"| {r['method']} | {len(r['seeds'])} | {cell(r['pass@1'])} | {cell(r[f'pass@{k}'])} | "
+            f"{cell(r['auc'])} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -179,46 +200,85 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     data = load_data(config)
     total = len(args.seed_list) * (len(args.method_list) + 1)
-    logger.info("benchmark: %d methods x %d seeds (+ base), %d steps each; writing %s", len(args.method_list),
-                len(args.seed_list), config.steps, output)
+    logger.info(
+        "benchmark: %d methods x %d seeds (+ base), %d steps each; writing %s",
+        len(args.method_list),
+        len(args.seed_list),
+        config.steps,
+        output,
+    )
 
     for seed in args.seed_list:
         seeded = dataclasses.replace(config, seed=seed)
         if ("base", seed) not in done:
             model, tokenizer = load_policy(config.model)
             final = evaluate(model, tokenizer, data.eval, seeded, n=k, name="base", reward_fn=data.reward_fn)
-            curve = evaluate(model, tokenizer, data.curve, seeded, n=config.curve_samples, name="base",
-                             reward_fn=data.reward_fn, progress=False)
-            record = {"method": "base", "seed": seed, "pass@1": final.metrics["all"]["pass@1"],
-                      f"pass@{k}": final.metrics["all"][f"pass@{k}"], "auc": None,
-                      "curve": [{"step": 0, "pass@1": curve.metrics["all"]["pass@1"]}]}
+            curve = evaluate(
+                model,
+                tokenizer,
+                data.curve,
+                seeded,
+                n=config.curve_samples,
+                name="base",
+                reward_fn=data.reward_fn,
+                progress=False,
+            )
+            record = {
+                "method": "base",
+                "seed": seed,
+                "pass@1": final.metrics["all"]["pass@1"],
+                f"pass@{k}": final.metrics["all"][f"pass@{k}"],
+                "auc": None,
+                "curve": [{"step": 0, "pass@1": curve.metrics["all"]["pass@1"]}],
+            }
             _append(runs_path, record)
             runs.append(record)
-        start_point = next(r for r in runs if r["method"] == "base" and r["seed"] == seed)["curve"][0]["pass@1"]
+        start_point = next(r for r in runs if r["method"] == "base" and r["seed"] == seed)["curve"][0][
+            "pass@1"
+        ]
         for method in args.method_list:
             if (method.name, seed) in done:
                 logger.info("%s seed %d: already in %s, skipped", method.name, seed, runs_path)
                 continue
-            result: MethodResult = train_and_evaluate(method, seeded, data, output / "work" / f"{method.name}-{seed}",
-                                                      start_point=start_point)
+            result: MethodResult = train_and_evaluate(
+                method, seeded, data, output / "work" / f"{method.name}-{seed}", start_point=start_point
+            )
             summary = result.summary()
-            record = {"method": method.name, "seed": seed, "pass@1": result.eval["all"]["pass@1"],
-                      f"pass@{k}": result.eval["all"][f"pass@{k}"], "auc": summary["heldout_pass@1_auc"],
-                      "curve": result.curve, "mean_train_reward": summary["mean_train_reward"],
-                      "mean_entropy": summary["mean_entropy"], "train_seconds": summary["train_seconds"],
-                      "settings": summary["settings"]}
+            record = {
+                "method": method.name,
+                "seed": seed,
+                "pass@1": result.eval["all"]["pass@1"],
+                f"pass@{k}": result.eval["all"][f"pass@{k}"],
+                "auc": summary["heldout_pass@1_auc"],
+                "curve": result.curve,
+                "mean_train_reward": summary["mean_train_reward"],
+                "mean_entropy": summary["mean_entropy"],
+                "train_seconds": summary["train_seconds"],
+                "settings": summary["settings"],
+            }
             _append(runs_path, record)
             runs.append(record)
             finished = sum(1 for r in runs if r["seed"] in args.seed_list)
-            logger.info("[%d/%d] %s seed %d: pass@1 %.3f, pass@%d %.3f, AUC %.3f (%.0f s so far)", finished, total,
-                        method.name, seed, record["pass@1"], k, record[f"pass@{k}"], record["auc"],
-                        time.perf_counter() - started)
+            logger.info(
+                "[%d/%d] %s seed %d: pass@1 %.3f, pass@%d %.3f, AUC %.3f (%.0f s so far)",
+                finished,
+                total,
+                method.name,
+                seed,
+                record["pass@1"],
+                k,
+                record[f"pass@{k}"],
+                record["auc"],
+                time.perf_counter() - started,
+            )
             _write_summary(runs, args, config, output)
 
     table = _write_summary(runs, args, config, output)
     print()
     print(table)
-    print(f"Results: {output.resolve()}/results.md, learning.png, runs.jsonl ({time.perf_counter() - started:.0f} s)")
+    print(
+        f"Results: {output.resolve()}/results.md, learning.png, runs.jsonl ({time.perf_counter() - started:.0f} s)"
+    )
     return 0
 
 
@@ -227,7 +287,9 @@ def _append(path: Path, record: dict[str, Any]) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def _write_summary(runs: list[dict[str, Any]], args: argparse.Namespace, config: DemoConfig, output: Path) -> str:
+def _write_summary(
+    runs: list[dict[str, Any]], args: argparse.Namespace, config: DemoConfig, output: Path
+) -> str:
     k = config.eval_samples
     wanted = {"base", *(m.name for m in args.method_list)}
     selected = [r for r in runs if r["seed"] in args.seed_list and r["method"] in wanted]

@@ -34,7 +34,10 @@ from pacsrl.demo.run import (
     ("df", "expected"),
     [
         (1, math.tan(0.475 * math.pi)),  # Cauchy: t = tan(pi (0.975 - 1/2)) = 12.7062...
-        (2, 0.95 / math.sqrt(2 * 0.975 * 0.025)),  # df=2: t = (2p - 1) / sqrt(2 p (1 - p)), p = 0.975 -> 4.3027
+        (
+            2,
+            0.95 / math.sqrt(2 * 0.975 * 0.025),
+        ),  # df=2: t = (2p - 1) / sqrt(2 p (1 - p)), p = 0.975 -> 4.3027
         (3, 3.182446305284263),  # printed t-tables: 3.182
         (4, 2.7764451051977987),  # 2.776
         (10, 2.2281388519649385),  # 2.228
@@ -124,10 +127,31 @@ def test_cli_quick_sizes_and_overrides():
     parser = build_parser()
     quick = config_from_args(parser.parse_args(["--quick"]))
     assert quick.steps < DemoConfig().steps and quick.eval_size < DemoConfig().eval_size
-    config = config_from_args(parser.parse_args(
-        ["--quick", "--steps", "3", "--algorithms", "grpo,pacs", "--lr", "5e-4", "--beta", "0.5",
-         "--task-config", '{"min_terms": 2}', "--model", "/some/path"]))
-    assert (config.steps, config.algorithms, config.learning_rate, config.pacs_beta) == (3, ("grpo", "pacs"), 5e-4, 0.5)
+    config = config_from_args(
+        parser.parse_args(
+            [
+                "--quick",
+                "--steps",
+                "3",
+                "--algorithms",
+                "grpo,pacs",
+                "--lr",
+                "5e-4",
+                "--beta",
+                "0.5",
+                "--task-config",
+                '{"min_terms": 2}',
+                "--model",
+                "/some/path",
+            ]
+        )
+    )
+    assert (config.steps, config.algorithms, config.learning_rate, config.pacs_beta) == (
+        3,
+        ("grpo", "pacs"),
+        5e-4,
+        0.5,
+    )
     assert config.task_config == {"min_terms": 2} and config.model == "/some/path"
     assert config.eval_size == quick.eval_size  # the rest stays at --quick's sizes
     with pytest.raises(SystemExit):
@@ -140,8 +164,15 @@ def test_comparison_table_formats_rows():
         "settings": {"eval_samples": 8},
         "base": {"eval": {"all": {"pass@1": 0.125, "pass@8": 0.375}}, "eval_seconds": 3.2},
         "methods": {
-            "pacs": {"done": True, "settings": {"name": "PACS"}, "eval": metrics, "mean_train_reward": 0.2,
-                     "heldout_pass@1_auc": 0.2, "train_seconds": 61.4, "eval_seconds": 3.0},
+            "pacs": {
+                "done": True,
+                "settings": {"name": "PACS"},
+                "eval": metrics,
+                "mean_train_reward": 0.2,
+                "heldout_pass@1_auc": 0.2,
+                "train_seconds": 61.4,
+                "eval_seconds": 3.0,
+            },
             "grpo": {"done": False, "settings": {"name": "GRPO"}},  # unfinished: not in the table
         },
     }
@@ -158,10 +189,21 @@ def test_comparison_table_formats_rows():
 @pytest.mark.slow
 def test_quick_demo_writes_a_complete_report(tmp_path):
     out = tmp_path / "demo"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "MPLBACKEND": "Agg", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "-m", "pacsrl", "demo", "--quick", "--output", str(out)],
-                          env=env, capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "MPLBACKEND": "Agg",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    proc = subprocess.run(  # noqa: PLW1510 (the return code is asserted below)
+        [sys.executable, "-m", "pacsrl", "demo", "--quick", "--output", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "| PACS |" in proc.stdout and "| GRPO |" in proc.stdout and str(out.resolve()) in proc.stdout
     for name in (METRICS_FILE, REPORT_FILE, PASS_AT_K_PLOT, *CURVE_PLOTS.values()):
@@ -174,8 +216,14 @@ def test_quick_demo_writes_a_complete_report(tmp_path):
     assert set(metrics["methods"]) == {"pacs", "grpo"}
     for m in metrics["methods"].values():
         assert m["done"]
-        numbers += [m["eval"]["all"]["pass@1"], m["eval"]["all"][f"pass@{k}"], m["mean_train_reward"],
-                    m["mean_entropy"], m["heldout_pass@1_auc"], m["train_seconds"]]
+        numbers += [
+            m["eval"]["all"]["pass@1"],
+            m["eval"]["all"][f"pass@{k}"],
+            m["mean_train_reward"],
+            m["mean_entropy"],
+            m["heldout_pass@1_auc"],
+            m["train_seconds"],
+        ]
         steps = [p["step"] for p in m["curve"]]
         assert steps[0] == 0 and steps[-1] == metrics["settings"]["steps"]
         assert len(m["log_history"]) == metrics["settings"]["steps"]
@@ -193,14 +241,19 @@ def test_bench_script_parses(tmp_path):
     spec = importlib.util.spec_from_file_location("bench_learning", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    args, config = bench.parse_args(["--quick", "--methods", "pacs@1,pacs-noweight@1,grpo", "--seeds", "0,1,2"])
+    args, config = bench.parse_args(
+        ["--quick", "--methods", "pacs@1,pacs-noweight@1,grpo", "--seeds", "0,1,2"]
+    )
     assert [m.name for m in args.method_list] == ["PACS beta=1", "PACS w/o weights beta=1", "GRPO"]
     assert args.seed_list == [0, 1, 2] and config.steps == DemoConfig.quick().steps
     for bad in (["--seeds", "0"], ["--methods", "ppo"], ["--beta", "2"]):
         with pytest.raises(SystemExit):
             bench.parse_args(bad)
     # the summary: mean and 95% t half-width over seeds
-    runs = [{"method": "GRPO", "seed": s, "pass@1": p, "pass@8": p, "auc": p} for s, p in enumerate([0.1, 0.2, 0.3])]
+    runs = [
+        {"method": "GRPO", "seed": s, "pass@1": p, "pass@8": p, "auc": p}
+        for s, p in enumerate([0.1, 0.2, 0.3])
+    ]
     (row,) = bench.summarise(runs, 8)
     assert row["pass@1"][0] == pytest.approx(0.2)
     assert row["pass@1"][1] == pytest.approx(4.302652729911275 * 0.1 / math.sqrt(3))

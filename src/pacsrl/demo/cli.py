@@ -32,6 +32,7 @@ _FLAGS: dict[str, str] = {
     "--steps": "steps",
     "--prompts-per-step": "prompts_per_step",
     "--num-generations": "num_generations",
+    "--updates-per-rollout": "updates_per_rollout",
     "--lr": "learning_rate",
     "--beta": "pacs_beta",
     "--weight-mode": "pacs_weight_mode",
@@ -55,7 +56,9 @@ def _algorithms(text: str) -> tuple[str, ...]:
     names = tuple(a.strip().lower() for a in text.split(",") if a.strip())
     bad = [a for a in names if a not in ALGORITHMS]
     if bad or not names:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma-separated list of {', '.join(ALGORITHMS)}")
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected a comma-separated list of {', '.join(ALGORITHMS)}"
+        )
     return names
 
 
@@ -71,13 +74,18 @@ def _json_object(text: str) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser; every option defaults to None so that --quick's sizes apply unless a flag overrides them."""
-    parser = argparse.ArgumentParser(prog="pacsrl demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke-test size (about a minute): few steps, few eval problems")
-    parser.add_argument("--output", type=Path, default=None,
-                        help="report folder (default: runs/demo-<timestamp>)")
-    parser.add_argument("--save-models", action="store_true", help="also save each trained model in the report")
+    parser = argparse.ArgumentParser(
+        prog="pacsrl demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke-test size (about a minute): few steps, few eval problems"
+    )
+    parser.add_argument(
+        "--output", type=Path, default=None, help="report folder (default: runs/demo-<timestamp>)"
+    )
+    parser.add_argument(
+        "--save-models", action="store_true", help="also save each trained model in the report"
+    )
     fields = {f.name: f for f in dataclasses.fields(DemoConfig)}
     defaults = DemoConfig()
     for flag, name in _FLAGS.items():
@@ -132,8 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     print()
     print(comparison_table(report))
-    print(f"Report: {Path(output).resolve()}/report.md (metrics.json, pass_at_k.png, curve_*.png) "
-          f"in {report['wall_seconds']:.0f} s")
+    print(
+        f"Report: {Path(output).resolve()}/report.md (metrics.json, pass_at_k.png, curve_*.png) "
+        f"in {report['wall_seconds']:.0f} s"
+    )
     return 0
 
 

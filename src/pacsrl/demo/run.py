@@ -21,6 +21,7 @@ Shape of the numbers: pass@k are fractions in [0, 1] in ``metrics.json`` and per
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -89,79 +90,142 @@ class DemoConfig:
 
     model: str | None = field(
         default=None,
-        metadata={"help": "Local checkpoint to start from (its tokenizer needs a chat template); default: the "
-                  "shipped warm-started tiny model (pacsrl.demo.demo_checkpoint_path())."},
+        metadata={
+            "help": "Local checkpoint to start from (its tokenizer needs a chat template); default: the "
+            "shipped warm-started tiny model (pacsrl.demo.demo_checkpoint_path())."
+        },
     )
-    task: str = field(default=DEMO_TASK, metadata={"help": "reasoning-gym task; the reward is its own scorer."})
+    task: str = field(
+        default=DEMO_TASK, metadata={"help": "reasoning-gym task; the reward is its own scorer."}
+    )
     task_config: dict[str, Any] | None = field(
         default=None,
-        metadata={"help": f"Task options (JSON on the command line); default for {DEMO_TASK}: "
-                  f"{json.dumps(DEMO_TASK_CONFIG)}, else the task's defaults."},
+        metadata={
+            "help": f"Task options (JSON on the command line); default for {DEMO_TASK}: "
+            f"{json.dumps(DEMO_TASK_CONFIG)}, else the task's defaults."
+        },
     )
     algorithms: tuple[str, ...] = field(
-        default=ALGORITHMS, metadata={"help": "Algorithms to train, in order: 'pacs', 'grpo' (comma-separated)."}
+        default=ALGORITHMS,
+        metadata={"help": "Algorithms to train, in order: 'pacs', 'grpo' (comma-separated)."},
     )
     steps: int = field(default=60, metadata={"help": "Optimizer steps per algorithm (one rollout per step)."})
-    prompts_per_step: int = field(default=16, metadata={"help": "Prompts per step (B)."})
+    prompts_per_step: int = field(default=16, metadata={"help": "Prompts per optimizer step (B)."})
+    updates_per_rollout: int = field(
+        default=1,
+        metadata={
+            "help": "Optimizer steps per rollout (TRL's steps_per_generation): a rollout samples "
+            "prompts_per_step * updates_per_rollout prompts and is cut into that many mini-batches; the later "
+            "ones are off-policy, where PACS's implicit critic psi is non-zero (the paper uses 4)."
+        },
+    )
     num_generations: int = field(default=8, metadata={"help": "Completions per prompt (G)."})
-    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate (constant, no warm-up)."})
-    pacs_beta: float = field(default=1.0, metadata={"help": "PACS: scale of the implicit reward (the paper's beta)."})
+    learning_rate: float = field(
+        default=1e-3, metadata={"help": "AdamW learning rate (constant, no warm-up)."}
+    )
+    pacs_beta: float = field(
+        default=1.0, metadata={"help": "PACS: scale of the implicit reward (the paper's beta)."}
+    )
     pacs_weight_mode: str = field(
         default="question",
-        metadata={"help": "PACS: BCE class weights, 'question' (class-balanced per group) or 'none'.",
-                  "choices": ["question", "none", "only_positive", "only_negative"]},
+        metadata={
+            "help": "PACS: BCE class weights, 'question' (class-balanced per group) or 'none'.",
+            "choices": ["question", "none", "only_positive", "only_negative"],
+        },
     )
     grpo_loss_type: str = field(
         default="dapo",
-        metadata={"help": "GRPO: TRL's loss_type ('dapo' is TRL's default; 'grpo' the original per-sequence "
-                  "normalisation). KL beta is 0 for both algorithms, as in the paper."},
+        metadata={
+            "help": "GRPO: TRL's loss_type ('dapo' is TRL's default; 'grpo' the original per-sequence "
+            "normalisation). KL beta is 0 for both algorithms, as in the paper."
+        },
     )
-    temperature: float = field(default=1.0, metadata={"help": "Rollout sampling temperature (the paper's 1.0)."})
-    max_completion_length: int = field(default=40, metadata={"help": "Maximum completion tokens, train and eval."})
+    temperature: float = field(
+        default=1.0, metadata={"help": "Rollout sampling temperature (the paper's 1.0)."}
+    )
+    max_completion_length: int = field(
+        default=40, metadata={"help": "Maximum completion tokens, train and eval."}
+    )
     train_size: int = field(default=512, metadata={"help": "Distinct RL training problems (cycled through)."})
-    eval_size: int = field(default=128, metadata={"help": "Held-out problems for the final pass@k evaluation."})
-    eval_samples: int = field(default=8, metadata={"help": "Samples per problem in the final evaluation (n)."})
+    eval_size: int = field(
+        default=128, metadata={"help": "Held-out problems for the final pass@k evaluation."}
+    )
+    eval_samples: int = field(
+        default=8, metadata={"help": "Samples per problem in the final evaluation (n)."}
+    )
     eval_temperature: float = field(
         default=1.0,
-        metadata={"help": "Evaluation temperature. 1.0 (top_p 1) scores the distribution RL trains; the paper "
-                  "evaluates at 0.6 / top_p 0.95, which flatters a tiny model's pass@1."},
+        metadata={
+            "help": "Evaluation temperature. 1.0 (top_p 1) scores the distribution RL trains; the paper "
+            "evaluates at 0.6 / top_p 0.95, which flatters a tiny model's pass@1."
+        },
     )
     eval_top_p: float = field(default=1.0, metadata={"help": "Evaluation top_p."})
     curve_every: int = field(default=10, metadata={"help": "Steps between held-out pass@1 measurements."})
-    curve_size: int = field(default=48, metadata={"help": "Held-out problems per curve point (first of the eval split)."})
+    curve_size: int = field(
+        default=48, metadata={"help": "Held-out problems per curve point (first of the eval split)."}
+    )
     curve_samples: int = field(default=4, metadata={"help": "Samples per problem per curve point."})
-    seed: int = field(default=0, metadata={"help": "Seed of training (prompt order, sampling) and evaluation."})
+    seed: int = field(
+        default=0, metadata={"help": "Seed of training (prompt order, sampling) and evaluation."}
+    )
     threads: int = field(default=2, metadata={"help": "torch CPU threads."})
-    save_models: bool = field(default=False, metadata={"help": "Also save each trained model under the report."})
+    save_models: bool = field(
+        default=False, metadata={"help": "Also save each trained model under the report."}
+    )
 
     def __post_init__(self):
         self.algorithms = tuple(self.algorithms)
         unknown = [a for a in self.algorithms if a not in ALGORITHMS]
         if unknown or not self.algorithms:
-            raise ValueError(f"algorithms={list(self.algorithms)}: expected one or more of {list(ALGORITHMS)}")
+            raise ValueError(
+                f"algorithms={list(self.algorithms)}: expected one or more of {list(ALGORITHMS)}"
+            )
         if len(set(self.algorithms)) != len(self.algorithms):
             raise ValueError(f"algorithms={list(self.algorithms)} lists an algorithm twice")
-        positive = ("steps", "prompts_per_step", "train_size", "eval_size", "eval_samples", "curve_every",
-                    "curve_size", "curve_samples", "max_completion_length", "threads")
+        positive = (
+            "steps",
+            "prompts_per_step",
+            "updates_per_rollout",
+            "train_size",
+            "eval_size",
+            "eval_samples",
+            "curve_every",
+            "curve_size",
+            "curve_samples",
+            "max_completion_length",
+            "threads",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.num_generations < 2:
-            raise ValueError(f"num_generations={self.num_generations}: both algorithms compare a completion with the "
-                             "others of its prompt, so they need at least 2 (the paper uses 8)")
+            raise ValueError(
+                f"num_generations={self.num_generations}: both algorithms compare a completion with the "
+                "others of its prompt, so they need at least 2 (the paper uses 8)"
+            )
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             raise ValueError(f"learning_rate={self.learning_rate} must be a positive number")
         if self.curve_size > self.eval_size:
-            raise ValueError(f"curve_size={self.curve_size} exceeds eval_size={self.eval_size}: the curve uses the "
-                             "first curve_size problems of the eval split; lower curve_size or raise eval_size")
+            raise ValueError(
+                f"curve_size={self.curve_size} exceeds eval_size={self.eval_size}: the curve uses the "
+                "first curve_size problems of the eval split; lower curve_size or raise eval_size"
+            )
         if self.curve_samples > self.eval_samples:
             raise ValueError(f"curve_samples={self.curve_samples} exceeds eval_samples={self.eval_samples}")
 
     @classmethod
     def quick(cls, **overrides: Any) -> DemoConfig:
         """A smoke-test sized demo (about a minute on 2 CPU cores); ``overrides`` win."""
-        settings: dict[str, Any] = dict(steps=6, prompts_per_step=8, train_size=64, eval_size=32, curve_every=3,
-                                        curve_size=16, curve_samples=2)
+        settings: dict[str, Any] = {
+            "steps": 6,
+            "prompts_per_step": 8,
+            "train_size": 64,
+            "eval_size": 32,
+            "curve_every": 3,
+            "curve_size": 16,
+            "curve_samples": 2,
+        }
         return cls(**{**settings, **overrides})
 
     def resolved_task_config(self) -> dict[str, Any]:
@@ -184,7 +248,9 @@ class Method:
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"method {self.name!r}: algorithm {self.algorithm!r} is not one of {list(ALGORITHMS)}")
+            raise ValueError(
+                f"method {self.name!r}: algorithm {self.algorithm!r} is not one of {list(ALGORITHMS)}"
+            )
 
     @classmethod
     def of(cls, algorithm: str) -> Method:
@@ -197,8 +263,10 @@ class Method:
         ``pacs-noweight`` or ``pacs-noweight@BETA`` (weights 'none'); e.g. ``pacs@0.5``."""
         match = _METHOD_SPEC.fullmatch(spec.strip().lower())
         if match is None:
-            raise ValueError(f"method {spec!r}: expected 'grpo', 'pacs', 'pacs@BETA', 'pacs-noweight' or "
-                             "'pacs-noweight@BETA' (e.g. 'pacs@0.5')")
+            raise ValueError(
+                f"method {spec!r}: expected 'grpo', 'pacs', 'pacs@BETA', 'pacs-noweight' or "
+                "'pacs-noweight@BETA' (e.g. 'pacs@0.5')"
+            )
         kind, beta_text = match.group(1), match.group(2)
         if kind == "grpo":
             if beta_text is not None:
@@ -220,7 +288,9 @@ def _t_two_sided_cdf(t: float, df: int) -> float:
     """P(|T| <= t) for Student's t with integer ``df`` (Abramowitz & Stegun 26.7.3-4), t >= 0."""
     theta = math.atan(t / math.sqrt(df))
     s, c = math.sin(theta), math.cos(theta)
-    if df % 2 == 1:  # (2/pi) (theta + sin cos (1 + 2/3 cos^2 + 2*4/(3*5) cos^4 + ...)), df - 2 terms in the sum
+    if (
+        df % 2 == 1
+    ):  # (2/pi) (theta + sin cos (1 + 2/3 cos^2 + 2*4/(3*5) cos^4 + ...)), df - 2 terms in the sum
         term, total = 1.0, 0.0
         for j in range(1, (df - 1) // 2 + 1):
             total += term
@@ -271,9 +341,11 @@ def curve_auc(steps: Sequence[float], values: Sequence[float]) -> float:
     """Area under a curve by the trapezoid rule, divided by the step range: the curve's mean height, so it is
     in the units of ``values`` (held-out pass@1) and comparable across step counts."""
     if len(steps) != len(values) or len(steps) < 2:
-        raise ValueError(f"curve_auc needs two or more points with one value each, got {len(steps)} steps and "
-                         f"{len(values)} values")
-    if any(b <= a for a, b in zip(steps, steps[1:])):
+        raise ValueError(
+            f"curve_auc needs two or more points with one value each, got {len(steps)} steps and "
+            f"{len(values)} values"
+        )
+    if any(b <= a for a, b in itertools.pairwise(steps)):
         raise ValueError(f"curve steps must increase strictly, got {list(steps)}")
     area = sum((b - a) * (u + v) / 2 for a, b, u, v in zip(steps, steps[1:], values, values[1:]))
     return area / (steps[-1] - steps[0])
@@ -291,17 +363,29 @@ def mean_of(history: Sequence[dict[str, Any]], key: str) -> float:
 
 def load_policy(path: str | Path | None = None) -> tuple[Any, Any]:
     """(model, tokenizer) from a local checkpoint, float32, offline; default the shipped demo checkpoint."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
     from pacsrl.demo import demo_checkpoint_path
 
     path = Path(path) if path is not None else demo_checkpoint_path()
     if not path.is_dir():
-        raise FileNotFoundError(f"model {str(path)!r} is not a local checkpoint folder (the demo never downloads)")
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        raise FileNotFoundError(
+            f"model {str(path)!r} is not a local checkpoint folder (the demo never downloads)"
+        )
+    tokenizer_class = None
+    if (path / "tokenizer_config.json").is_file():
+        tokenizer_class = json.loads((path / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    if tokenizer_class in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+        # A plain tokenizers.json tokenizer (the demo's own): load it as declared. transformers 5's AutoTokenizer
+        # would pick the model type's tokenizer class (Qwen2Tokenizer) and rebuild another pre-tokenizer.
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"the tokenizer of {path} has no chat template: the demo's prompts are chat messages; use an "
-                         "instruct/chat checkpoint or add a chat_template to its tokenizer_config.json")
+        raise ValueError(
+            f"the tokenizer of {path} has no chat template: the demo's prompts are chat messages; use an "
+            "instruct/chat checkpoint or add a chat_template to its tokenizer_config.json"
+        )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
@@ -328,13 +412,23 @@ def load_data(config: DemoConfig) -> DemoData:
     if config.task == DEMO_TASK and task_config == DEMO_TASK_CONFIG:
         train, evals = demo_splits(config.train_size, config.eval_size)
     else:
-        train, evals = make_gym_splits(config.task, config.train_size, config.eval_size, seed=config.seed,
-                                       config=task_config)
+        train, evals = make_gym_splits(
+            config.task, config.train_size, config.eval_size, seed=config.seed, config=task_config
+        )
     return DemoData(train, evals, evals.select(range(config.curve_size)), make_gym_reward(config.task))
 
 
-def evaluate(model: Any, tokenizer: Any, dataset: Dataset, config: DemoConfig, *, n: int, name: str,
-             reward_fn: Callable[..., list[float]], progress: bool = True) -> Any:
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    dataset: Dataset,
+    config: DemoConfig,
+    *,
+    n: int,
+    name: str,
+    reward_fn: Callable[..., list[float]],
+    progress: bool = True,
+) -> Any:
     """``pacsrl.eval.evaluate_model`` with the demo's sampling settings and seed, leaving the global torch RNG
     as it found it (sampling reseeds it), so that an evaluation never changes a training run."""
     from pacsrl.eval import evaluate_model
@@ -343,9 +437,18 @@ def evaluate(model: Any, tokenizer: Any, dataset: Dataset, config: DemoConfig, *
     cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     try:
         return evaluate_model(
-            model, tokenizer, dataset, n=n, temperature=config.eval_temperature, top_p=config.eval_top_p,
-            max_new_tokens=config.max_completion_length, batch_size=256, seed=config.seed, reward_fn=reward_fn,
-            name=name, progress=progress,
+            model,
+            tokenizer,
+            dataset,
+            n=n,
+            temperature=config.eval_temperature,
+            top_p=config.eval_top_p,
+            max_new_tokens=config.max_completion_length,
+            batch_size=256,
+            seed=config.seed,
+            reward_fn=reward_fn,
+            name=name,
+            progress=progress,
         )
     finally:
         torch.random.set_rng_state(cpu_state)
@@ -357,8 +460,15 @@ class HeldOutCurveCallback(TrainerCallback):
     """Measures held-out pass@1 every ``every`` optimizer steps (and at the last one) on the main process, with
     ``evaluate`` (same problems, same seed each time); each point goes to ``on_point(step, pass@1)``."""
 
-    def __init__(self, tokenizer: Any, dataset: Dataset, config: DemoConfig, reward_fn: Callable[..., list[float]],
-                 on_point: Callable[[int, float], None], every: int | None = None):
+    def __init__(
+        self,
+        tokenizer: Any,
+        dataset: Dataset,
+        config: DemoConfig,
+        reward_fn: Callable[..., list[float]],
+        on_point: Callable[[int, float], None],
+        every: int | None = None,
+    ):
         self.tokenizer, self.dataset, self.config, self.reward_fn = tokenizer, dataset, config, reward_fn
         self.on_point = on_point
         self.every = every or config.curve_every
@@ -367,8 +477,16 @@ class HeldOutCurveCallback(TrainerCallback):
         step = state.global_step
         if not state.is_world_process_zero or (step % self.every != 0 and step != state.max_steps):
             return
-        result = evaluate(model, self.tokenizer, self.dataset, self.config, n=self.config.curve_samples,
-                          name=f"step {step}", reward_fn=self.reward_fn, progress=False)
+        result = evaluate(
+            model,
+            self.tokenizer,
+            self.dataset,
+            self.config,
+            n=self.config.curve_samples,
+            name=f"step {step}",
+            reward_fn=self.reward_fn,
+            progress=False,
+        )
         self.on_point(step, result.metrics["all"]["pass@1"])
 
 
@@ -392,7 +510,9 @@ class _ProgressBar(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.bar is not None and logs:
-            shown = {k: f"{logs[k]:.3f}" for k in ("reward", "entropy") if isinstance(logs.get(k), (int, float))}
+            shown = {
+                k: f"{logs[k]:.3f}" for k in ("reward", "entropy") if isinstance(logs.get(k), (int, float))
+            }
             if shown:
                 self.bar.set_postfix(shown, refresh=False)
 
@@ -428,7 +548,8 @@ class MethodResult:
             "eval": self.eval,
             "curve": points,
             "heldout_pass@1_auc": curve_auc([p["step"] for p in points], [p["pass@1"] for p in points])
-            if len(points) >= 2 else None,
+            if len(points) >= 2
+            else None,
             "mean_train_reward": _finite_or_none(mean_of(self.log_history, "reward")),
             "mean_entropy": _finite_or_none(mean_of(self.log_history, "entropy")),
             "train_seconds": round(self.train_seconds, 2) if math.isfinite(self.train_seconds) else None,
@@ -447,30 +568,31 @@ def trainer_config(method: Method, config: DemoConfig, output_dir: Path) -> Any:
 
     from pacsrl.config import PACSConfig
 
-    shared = dict(
-        output_dir=str(output_dir),
-        max_steps=config.steps,
-        per_device_train_batch_size=config.prompts_per_step * config.num_generations,
-        gradient_accumulation_steps=1,
-        num_generations=config.num_generations,
-        max_completion_length=config.max_completion_length,
-        temperature=config.temperature,
-        top_p=1.0,
-        learning_rate=config.learning_rate,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        weight_decay=0.0,
-        seed=config.seed,
-        data_seed=config.seed,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        bf16=False,
-        gradient_checkpointing=False,
-        use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0,
-        disable_tqdm=False,
-    )
+    shared = {
+        "output_dir": str(output_dir),
+        "max_steps": config.steps,
+        "per_device_train_batch_size": config.prompts_per_step * config.num_generations,
+        "gradient_accumulation_steps": 1,
+        "steps_per_generation": config.updates_per_rollout,
+        "num_generations": config.num_generations,
+        "max_completion_length": config.max_completion_length,
+        "temperature": config.temperature,
+        "top_p": 1.0,
+        "learning_rate": config.learning_rate,
+        "lr_scheduler_type": "constant",
+        "warmup_steps": 0,
+        "weight_decay": 0.0,
+        "seed": config.seed,
+        "data_seed": config.seed,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+        "bf16": False,
+        "gradient_checkpointing": False,
+        "use_cpu": not torch.cuda.is_available(),
+        "dataloader_num_workers": 0,
+        "disable_tqdm": False,
+    }
     if method.algorithm == "pacs":
         return PACSConfig(
             **shared,
@@ -513,26 +635,53 @@ def train_and_evaluate(
 
     def on_point(step: int, pass1: float) -> None:
         result.curve.append({"step": step, "pass@1": pass1})
-        logger.info("%s step %d/%d: held-out pass@1 %.3f (%d problems x %d)", method.name, step, config.steps,
-                    pass1, len(data.curve), config.curve_samples)
+        logger.info(
+            "%s step %d/%d: held-out pass@1 %.3f (%d problems x %d)",
+            method.name,
+            step,
+            config.steps,
+            pass1,
+            len(data.curve),
+            config.curve_samples,
+        )
         update()
 
     if start_point is None:
-        start_point = evaluate(model, tokenizer, data.curve, config, n=config.curve_samples, name="start",
-                               reward_fn=data.reward_fn, progress=False).metrics["all"]["pass@1"]
+        start_point = evaluate(
+            model,
+            tokenizer,
+            data.curve,
+            config,
+            n=config.curve_samples,
+            name="start",
+            reward_fn=data.reward_fn,
+            progress=False,
+        ).metrics["all"]["pass@1"]
     on_point(0, start_point)
 
     args = trainer_config(method, config, output_dir)
     trainer_cls = PACSTrainer if method.algorithm == "pacs" else GRPOTrainer
     curve = HeldOutCurveCallback(tokenizer, data.curve, config, data.reward_fn, on_point)
-    trainer = trainer_cls(model=model, reward_funcs=data.reward_fn, args=args, train_dataset=data.train,
-                          processing_class=tokenizer, callbacks=[curve])
+    trainer = trainer_cls(
+        model=model,
+        reward_funcs=data.reward_fn,
+        args=args,
+        train_dataset=data.train,
+        processing_class=tokenizer,
+        callbacks=[curve],
+    )
     for callback in (ProgressCallback, PrinterCallback):  # they print every log dict; ours shows a short line
         trainer.remove_callback(callback)
     trainer.add_callback(_ProgressBar(f"{method.name} training"))
-    logger.info("training %s (%s): %d steps x %d prompts x %d completions, lr %g", method.name,
-                trainer_cls.__name__, config.steps, config.prompts_per_step, config.num_generations,
-                config.learning_rate)
+    logger.info(
+        "training %s (%s): %d steps x %d prompts x %d completions, lr %g",
+        method.name,
+        trainer_cls.__name__,
+        config.steps,
+        config.prompts_per_step,
+        config.num_generations,
+        config.learning_rate,
+    )
     started = time.perf_counter()
     trainer.train()
     result.train_seconds = time.perf_counter() - started
@@ -541,20 +690,36 @@ def train_and_evaluate(
         trainer.save_model(str(output_dir / "model"))
 
     started = time.perf_counter()
-    final = evaluate(trainer.model, tokenizer, data.eval, config, n=config.eval_samples, name=method.name,
-                     reward_fn=data.reward_fn)
+    final = evaluate(
+        trainer.model,
+        tokenizer,
+        data.eval,
+        config,
+        n=config.eval_samples,
+        name=method.name,
+        reward_fn=data.reward_fn,
+    )
     result.eval_seconds = time.perf_counter() - started
     result.eval = final.metrics
     result.done = True
     overall = final.metrics["all"]
-    logger.info("%s: held-out pass@1 %.3f, pass@%d %.3f after %.0f s of training", method.name, overall["pass@1"],
-                config.eval_samples, overall[f"pass@{config.eval_samples}"], result.train_seconds)
+    logger.info(
+        "%s: held-out pass@1 %.3f, pass@%d %.3f after %.0f s of training",
+        method.name,
+        overall["pass@1"],
+        config.eval_samples,
+        overall[f"pass@{config.eval_samples}"],
+        result.train_seconds,
+    )
     update()
     return result
 
 
 def _plain(entry: dict[str, Any]) -> dict[str, Any]:
-    return {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v) for k, v in entry.items()}
+    return {
+        k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
+        for k, v in entry.items()
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -601,8 +766,12 @@ def run_demo(config: DemoConfig, output_dir: str | Path | None = None) -> dict[s
 
     model_path = Path(config.model) if config.model is not None else demo_checkpoint_path()
     report: dict[str, Any] = {
-        "settings": {**dataclasses.asdict(config), "model": str(model_path),
-                     "task_config": config.resolved_task_config(), "torch": torch.__version__},
+        "settings": {
+            **dataclasses.asdict(config),
+            "model": str(model_path),
+            "task_config": config.resolved_task_config(),
+            "torch": torch.__version__,
+        },
         "base": None,
         "methods": {},
         "wall_seconds": None,
@@ -613,19 +782,43 @@ def run_demo(config: DemoConfig, output_dir: str | Path | None = None) -> dict[s
         report["wall_seconds"] = round(time.perf_counter() - started, 1)
         _write_json(output_dir / METRICS_FILE, _nan_to_none(report))
 
-    logger.info("demo: %s on %s %s; writing %s", ", ".join(config.algorithms), config.task,
-                json.dumps(config.resolved_task_config()), output_dir)
+    logger.info(
+        "demo: %s on %s %s; writing %s",
+        ", ".join(config.algorithms),
+        config.task,
+        json.dumps(config.resolved_task_config()),
+        output_dir,
+    )
     data = load_data(config)
     model, tokenizer = load_policy(config.model)
     t0 = time.perf_counter()
-    base = evaluate(model, tokenizer, data.eval, config, n=config.eval_samples, name="base", reward_fn=data.reward_fn)
-    base_curve = evaluate(model, tokenizer, data.curve, config, n=config.curve_samples, name="base",
-                          reward_fn=data.reward_fn, progress=False)
-    report["base"] = {"eval": base.metrics, "curve_pass@1": base_curve.metrics["all"]["pass@1"],
-                      "eval_seconds": round(time.perf_counter() - t0, 2)}
-    logger.info("base: held-out pass@1 %.3f, pass@%d %.3f (%d problems x %d samples, T=%g)",
-                base.metrics["all"]["pass@1"], config.eval_samples, base.metrics["all"][f"pass@{config.eval_samples}"],
-                len(data.eval), config.eval_samples, config.eval_temperature)
+    base = evaluate(
+        model, tokenizer, data.eval, config, n=config.eval_samples, name="base", reward_fn=data.reward_fn
+    )
+    base_curve = evaluate(
+        model,
+        tokenizer,
+        data.curve,
+        config,
+        n=config.curve_samples,
+        name="base",
+        reward_fn=data.reward_fn,
+        progress=False,
+    )
+    report["base"] = {
+        "eval": base.metrics,
+        "curve_pass@1": base_curve.metrics["all"]["pass@1"],
+        "eval_seconds": round(time.perf_counter() - t0, 2),
+    }
+    logger.info(
+        "base: held-out pass@1 %.3f, pass@%d %.3f (%d problems x %d samples, T=%g)",
+        base.metrics["all"]["pass@1"],
+        config.eval_samples,
+        base.metrics["all"][f"pass@{config.eval_samples}"],
+        len(data.eval),
+        config.eval_samples,
+        config.eval_temperature,
+    )
     del model
     save()
 
@@ -636,9 +829,18 @@ def run_demo(config: DemoConfig, output_dir: str | Path | None = None) -> dict[s
             report["methods"][key] = result.summary()
             save()
 
-        train_and_evaluate(method, config, data, output_dir / algorithm, start_point=report["base"]["curve_pass@1"],
-                           on_update=on_update)
-        write_report(report, output_dir)
+        try:
+            train_and_evaluate(
+                method,
+                config,
+                data,
+                output_dir / algorithm,
+                start_point=report["base"]["curve_pass@1"],
+                on_update=on_update,
+            )
+        finally:  # also on Ctrl-C: the report shows every finished method and the partial curves
+            save()
+            write_report(report, output_dir)
 
     report["finished"] = True
     save()
@@ -657,23 +859,47 @@ def comparison_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     if report.get("base"):
         b = report["base"]["eval"]["all"]
-        rows.append({"model": "base", "pass@1": b["pass@1"], f"pass@{k}": b[f"pass@{k}"], "mean_train_reward": None,
-                     "heldout_pass@1_auc": None, "train_seconds": None, "eval_seconds": report["base"]["eval_seconds"]})
-    for key, m in report["methods"].items():
+        rows.append(
+            {
+                "model": "base",
+                "pass@1": b["pass@1"],
+                f"pass@{k}": b[f"pass@{k}"],
+                "mean_train_reward": None,
+                "heldout_pass@1_auc": None,
+                "train_seconds": None,
+                "eval_seconds": report["base"]["eval_seconds"],
+            }
+        )
+    for m in report["methods"].values():
         if not m.get("done"):
             continue
         e = m["eval"]["all"]
-        rows.append({"model": m["settings"]["name"], "pass@1": e["pass@1"], f"pass@{k}": e[f"pass@{k}"],
-                     "mean_train_reward": m["mean_train_reward"], "heldout_pass@1_auc": m["heldout_pass@1_auc"],
-                     "train_seconds": m["train_seconds"], "eval_seconds": m["eval_seconds"]})
+        rows.append(
+            {
+                "model": m["settings"]["name"],
+                "pass@1": e["pass@1"],
+                f"pass@{k}": e[f"pass@{k}"],
+                "mean_train_reward": m["mean_train_reward"],
+                "heldout_pass@1_auc": m["heldout_pass@1_auc"],
+                "train_seconds": m["train_seconds"],
+                "eval_seconds": m["eval_seconds"],
+            }
+        )
     return rows
 
 
 def comparison_table(report: dict[str, Any]) -> str:
     """The demo's Markdown table: pass@ in percent, wall times in seconds, '-' where not applicable."""
     k = report["settings"]["eval_samples"]
-    header = ["model", "pass@1 (%)", f"pass@{k} (%)", "mean train reward", "held-out pass@1 AUC (%)",
-              "train time (s)", "eval time (s)"]
+    header = [
+        "model",
+        "pass@1 (%)",
+        f"pass@{k} (%)",
+        "mean train reward",
+        "held-out pass@1 AUC (%)",
+        "train time (s)",
+        "eval time (s)",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
 
     def pct(x: float | None) -> str:
@@ -683,10 +909,21 @@ def comparison_table(report: dict[str, Any]) -> str:
         return "-" if x is None else format(x, fmt)
 
     for r in comparison_rows(report):
-        lines.append("| " + " | ".join([
-            r["model"], pct(r["pass@1"]), pct(r[f"pass@{k}"]), num(r["mean_train_reward"], ".3f"),
-            pct(r["heldout_pass@1_auc"]), num(r["train_seconds"], ".0f"), num(r["eval_seconds"], ".0f"),
-        ]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["model"],
+                    pct(r["pass@1"]),
+                    pct(r[f"pass@{k}"]),
+                    num(r["mean_train_reward"], ".3f"),
+                    pct(r["heldout_pass@1_auc"]),
+                    num(r["train_seconds"], ".0f"),
+                    num(r["eval_seconds"], ".0f"),
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -701,8 +938,11 @@ def plot_curves(report: dict[str, Any], output_dir: Path) -> dict[str, Path]:
     """One PNG per training curve (reward, held-out pass@1, entropy), a line per method; returns the paths."""
     from matplotlib.figure import Figure
 
-    labels = {"reward": "mean training reward", "heldout_pass@1": "held-out pass@1 (%)",
-              "entropy": "mean token entropy (nats)"}
+    labels = {
+        "reward": "mean training reward",
+        "heldout_pass@1": "held-out pass@1 (%)",
+        "entropy": "mean token entropy (nats)",
+    }
     paths = {}
     for key, filename in CURVE_PLOTS.items():
         fig = Figure(figsize=(5.5, 3.6), layout="constrained")
@@ -710,10 +950,18 @@ def plot_curves(report: dict[str, Any], output_dir: Path) -> dict[str, Path]:
         for i, (name, m) in enumerate(report["methods"].items()):
             steps, values = _series(m, key)
             if steps:
-                ax.plot(steps, values, marker="o" if key == "heldout_pass@1" else None, markersize=3,
-                        color=f"C{i % 10}", label=m["settings"]["name"])
+                ax.plot(
+                    steps,
+                    values,
+                    marker="o" if key == "heldout_pass@1" else None,
+                    markersize=3,
+                    color=f"C{i % 10}",
+                    label=m["settings"]["name"],
+                )
         if key == "heldout_pass@1" and report.get("base"):
-            ax.axhline(100 * report["base"]["curve_pass@1"], color="grey", linestyle="--", linewidth=1, label="base")
+            ax.axhline(
+                100 * report["base"]["curve_pass@1"], color="grey", linestyle="--", linewidth=1, label="base"
+            )
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(labels[key])
         ax.grid(True, alpha=0.3)
@@ -739,13 +987,18 @@ def write_report(report: dict[str, Any], output_dir: Path) -> Path:
     text = [
         "# pacsrl demo: PACS vs GRPO",
         "",
-        f"Model `{s['model']}`, task `{s['task']}` {json.dumps(s['task_config'])}. Each algorithm: {s['steps']} steps "
-        f"x {s['prompts_per_step']} prompts x {s['num_generations']} completions = {budget} generated samples, "
-        f"lr {s['learning_rate']} (constant), rollout temperature {s['temperature']}, seed {s['seed']}; PACS beta "
-        f"{s['pacs_beta']}, weights '{s['pacs_weight_mode']}'; GRPO loss_type '{s['grpo_loss_type']}', KL beta 0.",
-        f"Evaluation: {s['eval_size']} held-out problems x {s['eval_samples']} samples, temperature "
-        f"{s['eval_temperature']}, top_p {s['eval_top_p']}; held-out pass@1 curve on the first {s['curve_size']} of "
-        f"them x {s['curve_samples']} samples every {s['curve_every']} steps (AUC = the curve's mean height).",
+        (
+            f"Model `{s['model']}`, task `{s['task']}` {json.dumps(s['task_config'])}. Each algorithm: {s['steps']} steps "
+            f"x {s['prompts_per_step']} prompts x {s['num_generations']} completions = {budget} generated samples, "
+            f"{s['updates_per_rollout']} optimizer step(s) per rollout, lr {s['learning_rate']} (constant), rollout "
+            f"temperature {s['temperature']}, max {s['max_completion_length']} completion tokens, seed {s['seed']}; PACS beta "
+            f"{s['pacs_beta']}, weights '{s['pacs_weight_mode']}'; GRPO loss_type '{s['grpo_loss_type']}', KL beta 0."
+        ),
+        (
+            f"Evaluation: {s['eval_size']} held-out problems x {s['eval_samples']} samples, temperature "
+            f"{s['eval_temperature']}, top_p {s['eval_top_p']}; held-out pass@1 curve on the first {s['curve_size']} of "
+            f"them x {s['curve_samples']} samples every {s['curve_every']} steps (AUC = the curve's mean height)."
+        ),
         "",
         comparison_table(report),
         "pass@k for every k:",
