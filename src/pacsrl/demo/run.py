@@ -109,10 +109,12 @@ class DemoConfig:
         default=ALGORITHMS,
         metadata={"help": "Algorithms to train, in order: 'pacs', 'grpo' (comma-separated)."},
     )
-    steps: int = field(default=60, metadata={"help": "Optimizer steps per algorithm (one rollout per step)."})
-    prompts_per_step: int = field(default=16, metadata={"help": "Prompts per optimizer step (B)."})
+    steps: int = field(
+        default=80, metadata={"help": "Optimizer steps per algorithm (updates_per_rollout per rollout)."}
+    )
+    prompts_per_step: int = field(default=32, metadata={"help": "Prompts per optimizer step (B)."})
     updates_per_rollout: int = field(
-        default=1,
+        default=2,
         metadata={
             "help": "Optimizer steps per rollout (TRL's steps_per_generation): a rollout samples "
             "prompts_per_step * updates_per_rollout prompts and is cut into that many mini-batches; the later "
@@ -121,7 +123,7 @@ class DemoConfig:
     )
     num_generations: int = field(default=8, metadata={"help": "Completions per prompt (G)."})
     learning_rate: float = field(
-        default=1e-3, metadata={"help": "AdamW learning rate (constant, no warm-up)."}
+        default=3e-4, metadata={"help": "AdamW learning rate (constant, no warm-up)."}
     )
     pacs_beta: float = field(
         default=1.0, metadata={"help": "PACS: scale of the implicit reward (the paper's beta)."}
@@ -148,7 +150,7 @@ class DemoConfig:
     )
     train_size: int = field(default=512, metadata={"help": "Distinct RL training problems (cycled through)."})
     eval_size: int = field(
-        default=128, metadata={"help": "Held-out problems for the final pass@k evaluation."}
+        default=256, metadata={"help": "Held-out problems for the final pass@k evaluation."}
     )
     eval_samples: int = field(
         default=8, metadata={"help": "Samples per problem in the final evaluation (n)."}
@@ -163,7 +165,7 @@ class DemoConfig:
     eval_top_p: float = field(default=1.0, metadata={"help": "Evaluation top_p."})
     curve_every: int = field(default=10, metadata={"help": "Steps between held-out pass@1 measurements."})
     curve_size: int = field(
-        default=48, metadata={"help": "Held-out problems per curve point (first of the eval split)."}
+        default=64, metadata={"help": "Held-out problems per curve point (first of the eval split)."}
     )
     curve_samples: int = field(default=4, metadata={"help": "Samples per problem per curve point."})
     seed: int = field(
@@ -497,6 +499,7 @@ class _ProgressBar(TrainerCallback):
     def __init__(self, desc: str):
         self.desc = desc
         self.bar = None
+        self.shown: dict[str, str] = {}
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
@@ -510,11 +513,10 @@ class _ProgressBar(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.bar is not None and logs:
-            shown = {
-                k: f"{logs[k]:.3f}" for k in ("reward", "entropy") if isinstance(logs.get(k), (int, float))
-            }
-            if shown:
-                self.bar.set_postfix(shown, refresh=False)
+            # a step without a rollout logs no reward: keep showing the last one
+            numbers = {k: logs[k] for k in ("reward", "entropy") if isinstance(logs.get(k), (int, float))}
+            self.shown.update({k: f"{v:.3f}" for k, v in numbers.items()})
+            self.bar.set_postfix(self.shown, refresh=False)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.bar is not None:
