@@ -190,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     args, config = parse_args(sys.argv[1:] if argv is None else argv)
     output: Path = args.output or Path("runs") / f"bench-learning-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     output.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "seed"}
+    # the seed varies per run; threads change speed, not results
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("seed", "threads")}
     settings["algorithms"] = list(settings["algorithms"])
     _check_settings(output, settings)
     runs_path = output / RUNS_FILE
