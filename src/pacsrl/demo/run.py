@@ -110,7 +110,7 @@ class DemoConfig:
         metadata={"help": "Algorithms to train, in order: 'pacs', 'grpo' (comma-separated)."},
     )
     steps: int = field(
-        default=80, metadata={"help": "Optimizer steps per algorithm (updates_per_rollout per rollout)."}
+        default=120, metadata={"help": "Optimizer steps per algorithm (updates_per_rollout per rollout)."}
     )
     prompts_per_step: int = field(default=32, metadata={"help": "Prompts per optimizer step (B)."})
     updates_per_rollout: int = field(
