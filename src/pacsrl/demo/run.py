@@ -218,7 +218,7 @@ class DemoConfig:
 
     @classmethod
     def quick(cls, **overrides: Any) -> DemoConfig:
-        """A smoke-test sized demo (about a minute on 2 CPU cores); ``overrides`` win."""
+        """A smoke-test sized demo (about 15 s on 2 CPU threads); ``overrides`` win."""
         settings: dict[str, Any] = {
             "steps": 6,
             "prompts_per_step": 8,
