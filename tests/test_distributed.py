@@ -22,7 +22,6 @@ def test_two_processes_keep_groups_whole_and_train(tmp_path, skip_rank0):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    all_ids = []
     for data in ranks:
         assert data["world"] == 2
         assert data["changed"], "parameters did not change on this process"
@@ -32,11 +31,7 @@ def test_two_processes_keep_groups_whole_and_train(tmp_path, skip_rank0):
             for g in range(0, len(ids), 4):
                 assert len(set(ids[g:g + 4])) == 1  # one group id per block of 4 rows
                 assert all(p == prompts[g] for p in prompts[g:g + 4])  # ... and one prompt
-            all_ids.append(set(ids))
         assert all(all(v == v for v in h.values() if isinstance(v, float)) for h in data["logs"])  # no NaN
-    # the two processes never hold the same group in the same step
-    for step in range(3):
-        assert not (all_ids[step] & all_ids[3 + step])
     # different prompts on the two processes, and gradients synchronised: identical parameters after training
     for step in range(3):
         p0 = {tuple(p) for p in ranks[0]["seen"][step]["prompts"]}

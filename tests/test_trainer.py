@@ -166,6 +166,36 @@ def test_fast_path_gradients_equal_full_loss(tmp_path, baseline):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6 * max(scale, 1e-12))
 
 
+def first_group_mixed(completions, **kwargs):
+    """Rows 0..3 (the first group of each call) get [1, 0, 0, 1]; every later group is all-correct."""
+    return [float(i % 3 == 0) if i < 4 else 1.0 for i in range(len(completions))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("baseline", ["rloo", "mean"])
+def test_fast_path_with_some_groups_skipped_equals_full_loss(tmp_path, baseline):
+    trainer = make_trainer(tmp_path, max_steps=1, learning_rate=0.0, pacs_baseline=baseline,
+                           reward=first_group_mixed)
+    trainer.train()
+    trainer.state.global_step = trainer._pacs_old_step
+    inputs = trainer._buffered_inputs[0]
+    labels = inputs["pacs_labels"].view(-1, 4)
+    mixed = labels.min(1).values != labels.max(1).values
+    assert bool(mixed.any()) and not bool(mixed.all()), "the micro-batch needs one mixed and one uniform group"
+    trainer.model.train()
+    trainer.args.pacs_on_policy_fast_path = True
+    trainer._metrics["train"].clear()
+    fast_loss, fast = _grads(trainer, inputs)
+    assert trainer._metrics["train"]["pacs/skipped_groups"] == [float((~mixed).sum())]
+    trainer.args.pacs_on_policy_fast_path = False
+    full_loss, full = _grads(trainer, inputs)
+    assert fast_loss.item() == pytest.approx(full_loss.item(), rel=1e-6)
+    scale = max(g.abs().max().item() for g in full)
+    assert scale > 0
+    for a, b in zip(fast, full):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6 * scale)
+
+
 @pytest.mark.slow
 def test_fast_path_skips_groups_with_equal_labels(tmp_path):
     def first_half_correct(prompts, completions, **kwargs):
@@ -205,7 +235,7 @@ def test_fixed_reference_resets_on_schedule_and_resumes(tmp_path):
     assert trainer._pacs_ref_version == 2
 
     # resume from the step-2 checkpoint: the reference is the one saved there, the counter continues
-    resumed = make_trainer(tmp_path, max_steps=4, pacs_reference="fixed", pacs_ref_reset_steps=2,
+    resumed = make_trainer(tmp_path, max_steps=3, pacs_reference="fixed", pacs_ref_reset_steps=2,
                            save_strategy="no", pacs_beta=0.5)
     resumed_events = []
     real = resumed._reset_reference
@@ -213,10 +243,21 @@ def test_fixed_reference_resets_on_schedule_and_resumes(tmp_path):
     ckpt = tmp_path / "out" / "checkpoint-2"
     saved_ref = torch.load(ckpt / "pacs_reference_model.pt", weights_only=True)
     resumed.train(resume_from_checkpoint=str(ckpt))
-    assert resumed_events == [4]
-    assert resumed._pacs_ref_version == 2
-    assert resumed._pacs_ref_step == 4
-    assert saved_ref  # the checkpoint held the reference weights
+    assert resumed_events == []  # the next reset is due at step 4, after this run's last step
+    assert resumed._pacs_ref_version == 1 and resumed._pacs_ref_step == 2  # the counter came back
+    ref_now = resumed.accelerator.unwrap_model(resumed.pacs_ref_model).state_dict()
+    assert saved_ref and all(torch.equal(ref_now[k], v) for k, v in saved_ref.items())  # the saved reference
+    fresh = build_model(build_tokenizer(), seed=0).state_dict()
+    assert any(not torch.equal(fresh[k], v) for k, v in saved_ref.items())  # ... which is not the initial model
+
+    # a run resumed to step 4 resets on schedule there
+    again = make_trainer(tmp_path, max_steps=4, pacs_reference="fixed", pacs_ref_reset_steps=2,
+                         save_strategy="no", pacs_beta=0.5)
+    again_events = []
+    real_again = again._reset_reference
+    again._reset_reference = lambda: (real_again(), again_events.append(again.state.global_step))
+    again.train(resume_from_checkpoint=str(ckpt))
+    assert again_events == [4] and again._pacs_ref_version == 2
 
 
 # --------------------------------------------------------------------------------------------------
@@ -250,6 +291,14 @@ BASE = dict(output_dir="/tmp/pacs-cfg-test", report_to=[], use_cpu=True, per_dev
         (dict(pacs_reference="fixed", pacs_ref_reset_steps=0), r"pacs_ref_reset_steps=0"),
         (dict(pacs_label_threshold=0.0), r"pacs_label_threshold=0.0"),
         (dict(reward_weights=[1.0, -1.0]), r"weights must be >= 0"),
+        (dict(reward_weights=[0.0, 0.0]), r"positive sum"),
+        (dict(pacs_label_threshold=1.5), r"pacs_label_threshold=1.5"),
+        (dict(pacs_reference="fixed", pacs_reward_form="mean_logp"), r"mean_logp.*uses no reference"),
+        (dict(epsilon=0.3), r"epsilon=0.3 is a GRPO option"),
+        (dict(delta=1.5), r"delta=1.5 is a GRPO option"),
+        (dict(use_adaptive_entropy=True), r"use_adaptive_entropy=True"),
+        (dict(multi_objective_aggregation="normalize_then_sum"), r"multi_objective_aggregation"),
+        (dict(eval_strategy="steps", per_device_eval_batch_size=6), r"per_device_eval_batch_size=6 is not a multiple"),
     ],
 )
 def test_config_rejections(overrides, match):

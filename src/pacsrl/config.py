@@ -18,6 +18,7 @@ they are running:
 | ``off_policy_mask_threshold`` | ``None`` | a GRPO-specific token mask |
 | ``entropy_coef``, ``use_adaptive_entropy`` | ``0.0``, ``False`` | the paper uses no entropy bonus |
 | ``sync_ref_model`` | ``False`` | that syncs GRPO's KL reference; PACS's reference is ``pacs_reference`` |
+| ``multi_objective_aggregation`` | ``"sum_then_normalize"`` (unused) | labels come from the weighted mean of rewards |
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ _GRPO_ONLY: dict[str, tuple[Any, str]] = {
     "entropy_coef": (0.0, "the paper uses no entropy bonus"),
     "use_adaptive_entropy": (False, "the paper uses no entropy bonus"),
     "sync_ref_model": (False, "that syncs GRPO's KL reference; PACS's reference is `pacs_reference`"),
+    "multi_objective_aggregation": (
+        "sum_then_normalize",
+        "PACS labels come from the weighted mean of the rewards (`reward_weights`, `pacs_label_threshold`)",
+    ),
 }
 
 
@@ -140,7 +145,9 @@ class PACSConfig(GRPOConfig):
         metadata={
             "help": "When pi_theta == pi_ref for a micro-batch (the first update after a rollout), compute the exact "
             "on-policy gradient and skip the forward/backward of groups whose advantage is exactly 0 (all labels "
-            "equal). Same gradients as the full loss; turn off only to debug."
+            "equal). Same gradients as the full loss. On micro-batches where groups were skipped, the entropy of "
+            "the forwarded groups is logged as `pacs/entropy_forwarded_groups` instead of `entropy`; turn the fast "
+            "path off to have `entropy` over every group on every step (e.g. to compare with GRPO's)."
         },
     )
 

@@ -142,6 +142,15 @@ class PACSTrainer(GRPOTrainer):
     # fixed reference
     # ------------------------------------------------------------------------------------------------
     def _build_fixed_reference(self) -> None:
+        zero3 = self.is_deepspeed_enabled and getattr(
+            self.accelerator.state.deepspeed_plugin, "zero_stage", None) == 3
+        if zero3 or self.is_fsdp_enabled:
+            # the parameters are sharded there: copying, resetting and checkpointing the reference would need
+            # gathered state dicts on every process, which this trainer does not do yet
+            raise NotImplementedError(
+                "pacs_reference='fixed' is not supported with DeepSpeed ZeRO-3 or FSDP yet (sharded parameters); "
+                "use pacs_reference='old' (the reference code's setting), or DDP / ZeRO-1/2"
+            )
         policy = self.accelerator.unwrap_model(self.model)
         if is_peft_model(policy):
             # the reference is the base model plus a frozen copy of the trained adapter
@@ -305,9 +314,13 @@ class PACSTrainer(GRPOTrainer):
             for k in ("token_type_ids", "mm_token_type_ids"):
                 if extra[k] is not None:
                     extra[k] = extra[k][rows]
-        logps, entropies, _ = self._get_per_token_logps_and_entropies(
-            model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=compute_entropy, **extra
+        aux = compute_entropy and self.aux_loss_enabled  # the policy's MoE router loss, as in GRPOTrainer
+        logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=compute_entropy,
+            compute_aux_loss=aux, **extra
         )
+        if compute_entropy:  # the policy's forward (the reference's must not overwrite it)
+            self._pacs_aux_loss = aux_loss
         return logps, entropies
 
     def _compute_loss(self, model, inputs):
@@ -341,6 +354,8 @@ class PACSTrainer(GRPOTrainer):
             loss_value = w.sum() * math.log(2.0) / N
             if placeholder:  # zero gradient, true value
                 loss = loss * 0.0 + loss_value
+                if self._pacs_aux_loss is not None:
+                    self._pacs_aux_loss = self._pacs_aux_loss * 0.0
             else:
                 loss = loss - loss.detach() + loss_value
             psi = torch.zeros_like(labels)
@@ -355,6 +370,9 @@ class PACSTrainer(GRPOTrainer):
                 rewards = implicit_reward(logps, ref, mask, beta=args.pacs_beta, reward_form=args.pacs_reward_form)
                 psi = group_centre(rewards, G, args.pacs_baseline)
             ent_mask = mask
+        if self.aux_loss_enabled and self._pacs_aux_loss is not None:  # MoE load balancing, as in GRPOTrainer
+            loss = loss + self.router_aux_loss_coef * self._pacs_aux_loss
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather(self._pacs_aux_loss.detach()).mean().item())
         if mode == "train":
             loss = loss / self.current_gradient_accumulation_steps  # TRL turns off HF's own loss scaling
         self._log_pacs_metrics(mode, loss_value, labels, rewards, psi, entropies, ent_mask, skipped, N, on_policy)
@@ -426,7 +444,10 @@ class PACSTrainer(GRPOTrainer):
         if entropies is not None:
             ent = torch.stack([(entropies * ent_mask).sum(), ent_mask.sum()]).float()
             e_sum, e_cnt = acc.reduce(ent, reduction="sum").tolist()
-            self._metrics[mode]["entropy"].append(e_sum / max(e_cnt, 1.0))
+            # when the fast path skipped groups, only the forwarded (mixed-label) groups have an entropy: that is
+            # logged under its own name so TRL's `entropy` always covers every completion it reports on
+            key = "pacs/entropy_forwarded_groups" if skip > 0 else "entropy"
+            self._metrics[mode][key].append(e_sum / max(e_cnt, 1.0))
 
 
 def _check_whole_groups(group_ids: torch.Tensor, G: int) -> None:
