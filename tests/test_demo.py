@@ -258,3 +258,22 @@ def test_bench_script_parses(tmp_path):
     assert row["pass@1"][0] == pytest.approx(0.2)
     assert row["pass@1"][1] == pytest.approx(4.302652729911275 * 0.1 / math.sqrt(3))
     assert "| GRPO | 3 | 20.0 ± 24.8 |" in bench.markdown([row], 8)
+
+
+@pytest.mark.slow
+def test_demo_runs_any_local_checkpoint_with_a_chat_template(tmp_path):
+    # a random tiny model with its own tokenizer (tests/tiny.py): the demo must load it, train and evaluate it
+    from pacsrl.demo.cli import main as demo_main
+    from tiny import save_tiny
+
+    model_dir = save_tiny(tmp_path / "tiny")
+    out = tmp_path / "report"
+    rc = demo_main(["--model", str(model_dir), "--quick", "--algorithms", "pacs", "--steps", "2",
+                    "--prompts-per-step", "4", "--num-generations", "4", "--eval-size", "4",
+                    "--eval-samples", "2", "--curve-every", "2", "--curve-size", "4", "--max-completion-length",
+                    "8", "--output", str(out)])
+    assert rc == 0
+    metrics = json.loads((out / METRICS_FILE).read_text())
+    assert metrics["finished"] is True and set(metrics["methods"]) == {"pacs"}
+    assert metrics["settings"]["model"] == str(model_dir)
+    assert math.isfinite(metrics["methods"]["pacs"]["mean_train_reward"])
