@@ -268,6 +268,7 @@ def tokenizer_text(prompt: list[dict[str, str]], completion: str) -> str:
 def _markdown(r: dict[str, Any]) -> str:
     e = r["eval"]
     k = e["samples"]
+    stop = "" if r["stop_at_pass1"] is None else f", stop at validation pass@1 >= {r['stop_at_pass1']}"
     return f"""# Demo warm-start checkpoint
 
 A {r['parameters']:,}-parameter Qwen2 ({r['architecture']['layers']} layers, hidden {r['architecture']['hidden_size']},
@@ -282,7 +283,7 @@ Rebuild it with:
 | | |
 |---|---|
 | seed | {r['seed']} |
-| optimizer steps | {r['steps']} (max {r['max_steps']}, stop at validation pass@1 >= {r['stop_at_pass1']}) |
+| optimizer steps | {r['steps']} (max {r['max_steps']}{stop}) |
 | batch size, lr | {r['batch_size']}, {r['lr']} |
 | warm-start problems | {r['sft_problems']} distinct (+{r['val_problems']} validation) |
 | held-out pool (never trained on) | {r['held_out_pool']['size']} problems, seed {r['held_out_pool']['seed']} |
