@@ -129,7 +129,10 @@ class PACSTrainer(GRPOTrainer):
                 "GRPOConfig field plus the pacs_* fields"
             )
         super().__init__(model, reward_funcs, args, *pargs, **kwargs)
-        self._pacs_rewards_per_func: torch.Tensor | None = None
+        self._pacs_rewards_per_func: torch.Tensor | None = None  # (N_all, K) of the last rollout
+        self._pacs_generation = 0  # rollouts so far, part of the group ids
+        self._pacs_old_step = -1  # optimizer step at which the buffered rollout was generated (pi_old)
+        self._pacs_aux_loss: torch.Tensor | None = None
         self._pacs_ref_step = 0  # optimizer step at which pi_ref was last set equal to pi_theta
         self._pacs_ref_version = 0  # number of resets of the fixed reference
         self.pacs_ref_model = None  # the frozen copy (full fine-tuning); with PEFT, an adapter named "pacs_ref"
@@ -264,7 +267,7 @@ class PACSTrainer(GRPOTrainer):
         rank = self.accelerator.process_index
         output["pacs_labels"] = all_labels[rank * n_local : (rank + 1) * n_local]  # (N_local,)
         # a unique id per group: rank, generation counter and position make it unique across processes and batches
-        self._pacs_generation = getattr(self, "_pacs_generation", 0) + 1
+        self._pacs_generation += 1
         local_group = torch.arange(n_local, device=device) // G  # (N_local,)
         base = (self._pacs_generation * self.accelerator.num_processes + rank) * (n_local // G)
         output["pacs_group_ids"] = base + local_group  # (N_local,)
@@ -297,7 +300,7 @@ class PACSTrainer(GRPOTrainer):
         if self.args.pacs_reward_form != "sum":
             return False  # the reference-free form has psi != 0 even on-policy
         if self.args.pacs_reference == "old":
-            return self.state.global_step == getattr(self, "_pacs_old_step", -1)
+            return self.state.global_step == self._pacs_old_step
         return self.state.global_step == self._pacs_ref_step
 
     def _forward(self, model, inputs: dict[str, Any], rows: torch.Tensor | None = None, compute_entropy: bool = True):
