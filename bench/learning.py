@@ -293,7 +293,9 @@ def _write_summary(
 ) -> str:
     k = config.eval_samples
     wanted = {"base", *(m.name for m in args.method_list)}
+    order = {name: i for i, name in enumerate(["base", *(m.name for m in args.method_list)])}
     selected = [r for r in runs if r["seed"] in args.seed_list and r["method"] in wanted]
+    selected.sort(key=lambda r: order[r["method"]])  # rows in the order of --methods, whatever order runs finished
     rows = summarise(selected, k)
     table = markdown(rows, k)
     budget = config.steps * config.prompts_per_step * config.num_generations
