@@ -33,6 +33,7 @@ from pacsrl.demo.run import (
     DemoConfig,
     Method,
     MethodResult,
+    curve_pass1,
     evaluate,
     load_data,
     load_policy,
@@ -214,23 +215,14 @@ def main(argv: list[str] | None = None) -> int:
         if ("base", seed) not in done:
             model, tokenizer = load_policy(config.model)
             final = evaluate(model, tokenizer, data.eval, seeded, n=k, name="base", reward_fn=data.reward_fn)
-            curve = evaluate(
-                model,
-                tokenizer,
-                data.curve,
-                seeded,
-                n=config.curve_samples,
-                name="base",
-                reward_fn=data.reward_fn,
-                progress=False,
-            )
+            start = curve_pass1(model, tokenizer, data.curve, seeded, data.reward_fn, name="base")
             record = {
                 "method": "base",
                 "seed": seed,
                 "pass@1": final.metrics["all"]["pass@1"],
                 f"pass@{k}": final.metrics["all"][f"pass@{k}"],
                 "auc": None,
-                "curve": [{"step": 0, "pass@1": curve.metrics["all"]["pass@1"]}],
+                "curve": [{"step": 0, "pass@1": start}],
             }
             _append(runs_path, record)
             runs.append(record)

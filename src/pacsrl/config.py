@@ -24,9 +24,11 @@ they are running:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args
 
 from trl import GRPOConfig
+
+from pacsrl.objective import Baseline, RewardForm, WeightMode
 
 # GRPO-only options and the only value PACS accepts (see the module docstring for why).
 _GRPO_ONLY: dict[str, tuple[Any, str]] = {
@@ -99,7 +101,7 @@ class PACSConfig(GRPOConfig):
             "help": "Group centring of the implicit reward (the implicit critic): 'rloo' (r_i - mean of the others, "
             "the paper's default), 'grpo' ((r - mean)/(std + 1e-6), std treated as a constant), 'mean' (r - mean), "
             "'none'.",
-            "choices": ["rloo", "grpo", "mean", "none"],
+            "choices": list(get_args(Baseline)),
         },
     )
     pacs_weight_mode: str = field(
@@ -107,7 +109,7 @@ class PACSConfig(GRPOConfig):
         metadata={
             "help": "Weights of the BCE: 'question' (class-balanced within each group: w = G/(2 n_label) in groups "
             "with both labels, 1 otherwise), 'none', 'only_positive' (w = label), 'only_negative' (w = 1 - label).",
-            "choices": ["question", "none", "only_positive", "only_negative"],
+            "choices": list(get_args(WeightMode)),
         },
     )
     pacs_reward_form: str = field(
@@ -115,7 +117,7 @@ class PACSConfig(GRPOConfig):
         metadata={
             "help": "Implicit reward: 'sum' (beta * sum of log(pi_theta/pi_ref) over completion tokens) or "
             "'mean_logp' (beta * mean log pi_theta, reference-free, the reference code's second form).",
-            "choices": ["sum", "mean_logp"],
+            "choices": list(get_args(RewardForm)),
         },
     )
     pacs_reference: str = field(
@@ -180,10 +182,10 @@ class PACSConfig(GRPOConfig):
                     f"{name}={value!r} is a GRPO option that PACS does not use ({why}); set {name}={expected!r} "
                     f"or leave it out of the PACS config."
                 )
-        choices = {
-            "pacs_baseline": ("rloo", "grpo", "mean", "none"),
-            "pacs_weight_mode": ("question", "none", "only_positive", "only_negative"),
-            "pacs_reward_form": ("sum", "mean_logp"),
+        choices = {  # the objective's modes, one source of truth
+            "pacs_baseline": get_args(Baseline),
+            "pacs_weight_mode": get_args(WeightMode),
+            "pacs_reward_form": get_args(RewardForm),
             "pacs_reference": ("old", "fixed"),
         }
         for name, allowed in choices.items():

@@ -99,7 +99,7 @@ def parse_train_args(argv: list[str]):
     return train_args, config, model_args
 
 
-def _load_data(train_args: TrainArguments, seed: int):
+def _load_data(train_args: TrainArguments):
     from pacsrl.data import prepare_dataset, resolve_dataset
 
     spec = train_args.train_dataset
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         init_kwargs.setdefault("attn_implementation", model_args.attn_implementation)
     config.model_init_kwargs = init_kwargs
 
-    train_ds, eval_ds = _load_data(train_args, config.seed)
+    train_ds, eval_ds = _load_data(train_args)
     if eval_ds is None and config.eval_strategy != "no":
         raise SystemExit("pacsrl train: eval_strategy is set but no eval_dataset was given")
     trainer_cls = PACSTrainer if train_args.algorithm == "pacs" else GRPOTrainer

@@ -6,10 +6,13 @@ Useful to see what the objective does before training anything, and as an instal
 from __future__ import annotations
 
 import argparse
+from typing import get_args
 
 import torch
 
 from pacsrl.objective import (
+    Baseline,
+    WeightMode,
     class_weights,
     group_centre,
     implicit_reward,
@@ -21,9 +24,8 @@ from pacsrl.objective import (
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pacsrl objective", description=__doc__)
     parser.add_argument("--beta", type=float, default=1.0, help="scale of the implicit reward")
-    parser.add_argument("--baseline", default="rloo", choices=["rloo", "grpo", "mean", "none"])
-    parser.add_argument("--weight-mode", default="question",
-                        choices=["question", "none", "only_positive", "only_negative"])
+    parser.add_argument("--baseline", default="rloo", choices=get_args(Baseline))
+    parser.add_argument("--weight-mode", default="question", choices=get_args(WeightMode))
     args = parser.parse_args(argv)
 
     # one prompt, G = 4 completions of 3 tokens; the last completion has one padding token

@@ -65,6 +65,7 @@ __all__ = [
     "Method",
     "MethodResult",
     "curve_auc",
+    "curve_pass1",
     "evaluate",
     "load_data",
     "load_policy",
@@ -458,6 +459,23 @@ def evaluate(
             torch.cuda.set_rng_state_all(cuda_states)
 
 
+def curve_pass1(
+    model: Any,
+    tokenizer: Any,
+    dataset: Dataset,
+    config: DemoConfig,
+    reward_fn: Callable[..., list[float]],
+    *,
+    name: str,
+) -> float:
+    """One point of the held-out pass@1 curve: ``config.curve_samples`` samples per problem of ``dataset``, with
+    ``evaluate`` (so every point uses the same problems and seed), no progress bar."""
+    result = evaluate(
+        model, tokenizer, dataset, config, n=config.curve_samples, name=name, reward_fn=reward_fn, progress=False
+    )
+    return result.metrics["all"]["pass@1"]
+
+
 class HeldOutCurveCallback(TrainerCallback):
     """Measures held-out pass@1 every ``every`` optimizer steps (and at the last one) on the main process, with
     ``evaluate`` (same problems, same seed each time); each point goes to ``on_point(step, pass@1)``."""
@@ -481,18 +499,9 @@ class HeldOutCurveCallback(TrainerCallback):
         if not state.is_world_process_zero or (step % self.every != 0 and step != state.max_steps):
             return
         started = time.perf_counter()
-        result = evaluate(
-            model,
-            self.tokenizer,
-            self.dataset,
-            self.config,
-            n=self.config.curve_samples,
-            name=f"step {step}",
-            reward_fn=self.reward_fn,
-            progress=False,
-        )
+        pass1 = curve_pass1(model, self.tokenizer, self.dataset, self.config, self.reward_fn, name=f"step {step}")
         self.seconds += time.perf_counter() - started
-        self.on_point(step, result.metrics["all"]["pass@1"])
+        self.on_point(step, pass1)
 
 
 class _ProgressBar(TrainerCallback):
@@ -654,16 +663,7 @@ def train_and_evaluate(
         update()
 
     if start_point is None:
-        start_point = evaluate(
-            model,
-            tokenizer,
-            data.curve,
-            config,
-            n=config.curve_samples,
-            name="start",
-            reward_fn=data.reward_fn,
-            progress=False,
-        ).metrics["all"]["pass@1"]
+        start_point = curve_pass1(model, tokenizer, data.curve, config, data.reward_fn, name="start")
     on_point(0, start_point)
 
     args = trainer_config(method, config, output_dir)
@@ -803,19 +803,10 @@ def run_demo(config: DemoConfig, output_dir: str | Path | None = None) -> dict[s
     base = evaluate(
         model, tokenizer, data.eval, config, n=config.eval_samples, name="base", reward_fn=data.reward_fn
     )
-    base_curve = evaluate(
-        model,
-        tokenizer,
-        data.curve,
-        config,
-        n=config.curve_samples,
-        name="base",
-        reward_fn=data.reward_fn,
-        progress=False,
-    )
+    base_curve_pass1 = curve_pass1(model, tokenizer, data.curve, config, data.reward_fn, name="base")
     report["base"] = {
         "eval": base.metrics,
-        "curve_pass@1": base_curve.metrics["all"]["pass@1"],
+        "curve_pass@1": base_curve_pass1,
         "eval_seconds": round(time.perf_counter() - t0, 2),
     }
     logger.info(
