@@ -215,7 +215,7 @@ def test_fast_path_skips_groups_with_equal_labels(tmp_path):
 @pytest.mark.slow
 def test_fixed_reference_resets_on_schedule_and_resumes(tmp_path):
     trainer = make_trainer(tmp_path, max_steps=4, pacs_reference="fixed", pacs_ref_reset_steps=2,
-                           save_strategy="steps", save_steps=2, pacs_beta=0.5)
+                           save_strategy="steps", save_steps=2, pacs_beta=0.5, reward=every_third)
     events = []
     real_reset = trainer._reset_reference
 
@@ -236,7 +236,7 @@ def test_fixed_reference_resets_on_schedule_and_resumes(tmp_path):
 
     # resume from the step-2 checkpoint: the reference is the one saved there, the counter continues
     resumed = make_trainer(tmp_path, max_steps=3, pacs_reference="fixed", pacs_ref_reset_steps=2,
-                           save_strategy="no", pacs_beta=0.5)
+                           save_strategy="no", pacs_beta=0.5, reward=every_third)
     resumed_events = []
     real = resumed._reset_reference
     resumed._reset_reference = lambda: (real(), resumed_events.append(resumed.state.global_step))
@@ -252,7 +252,7 @@ def test_fixed_reference_resets_on_schedule_and_resumes(tmp_path):
 
     # a run resumed to step 4 resets on schedule there
     again = make_trainer(tmp_path, max_steps=4, pacs_reference="fixed", pacs_ref_reset_steps=2,
-                         save_strategy="no", pacs_beta=0.5)
+                         save_strategy="no", pacs_beta=0.5, reward=every_third)
     again_events = []
     real_again = again._reset_reference
     again._reset_reference = lambda: (real_again(), again_events.append(again.state.global_step))
@@ -423,3 +423,33 @@ def test_fixed_reference_with_lora_is_a_frozen_adapter_copy(tmp_path):
     assert resumed._pacs_ref_version == 1
     assert all(torch.equal(b_res, b_saved) for (_, b_res, _), (_, b_saved, _) in zip(adapters(resumed.model),
                                                                                      after_reset))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fixed_reference_is_the_policy_right_after_it_is_built(tmp_path, dtype):
+    """The fixed reference is the same model as the policy, down to dtypes: with a bf16 model and TRL's fp32 LM
+    head (cast_lm_head_to_fp32), and with an fp32 model, the trainer's pi_ref log-probs equal its pi_theta
+    log-probs exactly (psi = 0 right after a reset)."""
+    tok = build_tokenizer()
+    model = build_model(tok).to(dtype)
+    args = PACSConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_generations=4,
+                      max_completion_length=6, max_steps=1, report_to=[], use_cpu=True, disable_tqdm=True,
+                      pacs_reference="fixed", cast_lm_head_to_fp32=dtype == torch.bfloat16, bf16=True)
+    trainer = PACSTrainer(model=model, reward_funcs=every_third, args=args, train_dataset=make_dataset(),
+                          processing_class=tok)
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    ref = trainer.accelerator.unwrap_model(trainer.pacs_ref_model)
+    if dtype == torch.bfloat16:
+        assert policy.lm_head.weight.dtype == torch.float32  # TRL's cast (tied: the embedding too)
+    assert policy.model.layers[0].mlp.up_proj.weight.dtype == dtype
+    p_sd, r_sd = policy.state_dict(), ref.state_dict()
+    assert list(p_sd) == list(r_sd)
+    for k, v in p_sd.items():
+        assert r_sd[k].dtype == v.dtype and torch.equal(r_sd[k], v), k
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
+    inputs = dict(prompt_ids=ids[:, :3], prompt_mask=torch.ones(2, 3, dtype=torch.long), completion_ids=ids[:, 3:],
+                  completion_mask=torch.ones(2, 3, dtype=torch.long))
+    with torch.no_grad():
+        logps, _ = trainer._forward(trainer.model, inputs)
+        ref_logps = trainer._reference_logps(inputs, logps, on_policy=False)
+    assert torch.equal(ref_logps, logps)

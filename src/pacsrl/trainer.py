@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from accelerate.utils import is_peft_model
 from transformers import AutoModelForCausalLM, TrainerCallback
+from transformers.initialization import no_init_weights
 from trl import GRPOTrainer
 from trl.models import prepare_deepspeed, prepare_fsdp
-from trl.trainer.callbacks import SyncRefModelCallback
 from trl.trainer.utils import (
     add_fused_lm_head,
     split_pixel_values_by_grid,
@@ -32,6 +32,7 @@ from pacsrl.objective import (
     pacs_loss,
     pacs_on_policy_loss,
 )
+from pacsrl.sharded import copy_module, copy_tensors, full_state_dict, load_full_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -145,14 +146,10 @@ class PACSTrainer(GRPOTrainer):
     # fixed reference
     # ------------------------------------------------------------------------------------------------
     def _build_fixed_reference(self) -> None:
-        zero3 = self.is_deepspeed_enabled and getattr(
-            self.accelerator.state.deepspeed_plugin, "zero_stage", None) == 3
-        if zero3 or self.is_fsdp_enabled:
-            # the parameters are sharded there: copying, resetting and checkpointing the reference would need
-            # gathered state dicts on every process, which this trainer does not do yet
+        if self.is_fsdp_enabled and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
             raise NotImplementedError(
-                "pacs_reference='fixed' is not supported with DeepSpeed ZeRO-3 or FSDP yet (sharded parameters); "
-                "use pacs_reference='old' (the reference code's setting), or DDP / ZeRO-1/2"
+                "pacs_reference='fixed' with FSDP needs FSDP2 (fsdp_config version 2, transformers' default; FSDP1 "
+                "is deprecated); or use pacs_reference='old'"
             )
         policy = self.accelerator.unwrap_model(self.model)
         if is_peft_model(policy):
@@ -166,8 +163,13 @@ class PACSTrainer(GRPOTrainer):
                     param.requires_grad_(False)
             self._copy_adapter(active, _REF_ADAPTER)
             return
-        ref = AutoModelForCausalLM.from_config(policy.config, dtype=policy.dtype)
-        ref.load_state_dict(policy.state_dict())
+        # a second model of the same architecture (partitioned at construction under ZeRO-3, as TRL's own
+        # reference), with the policy's dtypes, sharded like TRL's reference model, then given the policy's weights
+        with no_init_weights():
+            ref = AutoModelForCausalLM.from_config(policy.config, dtype=_main_dtype(policy))
+        ref.tie_weights()  # skipped along with the initialisation
+        if self.args.cast_lm_head_to_fp32:
+            _cast_lm_head_to_fp32(ref)  # as GRPOTrainer casts the policy and its own reference
         ref.requires_grad_(False).eval()
         add_fused_lm_head(ref, temperature=self.temperature, cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32)
         if self.is_deepspeed_enabled:
@@ -176,27 +178,32 @@ class PACSTrainer(GRPOTrainer):
             self.pacs_ref_model = prepare_fsdp(ref, self.accelerator)
         else:
             self.pacs_ref_model = self.accelerator.prepare_model(ref, evaluation_mode=True)
+        copy_module(policy, self._ref_module())
+
+    def _ref_module(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.pacs_ref_model)
 
     def _copy_adapter(self, source: str, target: str) -> None:
         params = dict(self.accelerator.unwrap_model(self.model).named_parameters())
-        with torch.no_grad():
-            for name, param in params.items():
-                if f".{source}." in name:
-                    params[name.replace(f".{source}.", f".{target}.")].copy_(param)
+        copy_tensors((p, params[n.replace(f".{source}.", f".{target}.")]) for n, p in params.items()
+                     if f".{source}." in n)
 
     def _reference_state(self) -> dict[str, torch.Tensor]:
+        """Whole CPU tensors of the reference on process 0 (empty elsewhere); every process must call it."""
         if self._pacs_ref_adapter is not None:
             policy = self.accelerator.unwrap_model(self.model)
-            return {k: v for k, v in policy.state_dict().items() if f".{self._pacs_ref_adapter}." in k}
-        return self.accelerator.unwrap_model(self.pacs_ref_model).state_dict()
+            return full_state_dict(policy, keep=lambda name: f".{self._pacs_ref_adapter}." in name)
+        return full_state_dict(self._ref_module())
 
     def _load_reference_state(self, weights: dict[str, torch.Tensor]) -> None:
         if self._pacs_ref_adapter is not None:
-            missing = self.accelerator.unwrap_model(self.model).load_state_dict(weights, strict=False)
-            if any(f".{self._pacs_ref_adapter}." in k for k in missing.missing_keys):
+            policy = self.accelerator.unwrap_model(self.model)
+            ours = [k for k in policy.state_dict(keep_vars=True) if f".{self._pacs_ref_adapter}." in k]
+            if sorted(ours) != sorted(weights):
                 raise RuntimeError("the checkpoint's PACS reference adapter does not match this model")
+            load_full_state_dict(policy, weights, strict=False)
             return
-        self.accelerator.unwrap_model(self.pacs_ref_model).load_state_dict(weights)
+        load_full_state_dict(self._ref_module(), weights)
 
     def _reset_reference(self) -> None:
         """Hard reset: pi_ref <- pi_theta, and the optimizer's moments and step counts cleared (paper v2)."""
@@ -204,7 +211,7 @@ class PACSTrainer(GRPOTrainer):
             policy = self.accelerator.unwrap_model(self.model)
             self._copy_adapter(policy.active_adapter, self._pacs_ref_adapter)
         else:
-            SyncRefModelCallback.sync_target_model(self.model, self.pacs_ref_model, alpha=1.0)
+            copy_module(self.accelerator.unwrap_model(self.model), self._ref_module())
         optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps the torch optimizer
         optimizer.state.clear()
         self._pacs_ref_version += 1
@@ -214,13 +221,15 @@ class PACSTrainer(GRPOTrainer):
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
-        if self.args.pacs_reference != "fixed" or not self.args.should_save:
+        if self.args.pacs_reference != "fixed":
+            return
+        state = self._reference_state()  # a collective under ZeRO-3 / FSDP: every process takes part
+        if not self.accelerator.is_main_process:
             return
         folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
         with open(os.path.join(folder, _REF_STATE_FILE), "w") as f:
             json.dump({"ref_version": self._pacs_ref_version, "ref_step": self._pacs_ref_step}, f)
-        state = self._reference_state()
-        torch.save({k: v.detach().cpu() for k, v in state.items()}, os.path.join(folder, _REF_WEIGHTS_FILE))
+        torch.save(state, os.path.join(folder, _REF_WEIGHTS_FILE))
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -451,6 +460,30 @@ class PACSTrainer(GRPOTrainer):
             # logged under its own name so TRL's `entropy` always covers every completion it reports on
             key = "pacs/entropy_forwarded_groups" if skip > 0 else "entropy"
             self._metrics[mode][key].append(e_sum / max(e_cnt, 1.0))
+
+
+def _main_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype holding most of the parameters (``model.dtype`` is the first one's: fp32 once a tied LM head
+    was cast to fp32)."""
+    sizes: dict[torch.dtype, int] = {}
+    for p in model.parameters():
+        sizes[p.dtype] = sizes.get(p.dtype, 0) + int(getattr(p, "ds_numel", p.numel()))
+    return max(sizes, key=sizes.get)
+
+
+def _cast_lm_head_to_fp32(model: torch.nn.Module) -> None:
+    """The LM head in fp32, weights and matmul, as GRPOTrainer makes the policy's with ``cast_lm_head_to_fp32``;
+    with tied embeddings the embedding output is cast back to the model's dtype."""
+    dtype = model.lm_head.weight.dtype
+    head = model.lm_head.float()
+
+    def fp32_forward(hidden_states):
+        bias = None if head.bias is None else head.bias.float()
+        return torch.nn.functional.linear(hidden_states.float(), head.weight.float(), bias)
+
+    head.forward = fp32_forward
+    if model.config.get_text_config().tie_word_embeddings:
+        model.get_input_embeddings().register_forward_hook(lambda module, args, output: output.to(dtype))
 
 
 def _check_whole_groups(group_ids: torch.Tensor, G: int) -> None:
