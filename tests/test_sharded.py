@@ -76,3 +76,19 @@ def test_two_sharded_processes_match_the_unsharded_model(tmp_path, mode):
     for rank in (0, 1):
         checks = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert len(checks) >= 7 and all(checks.values()), (rank, checks)
+
+
+@pytest.mark.slow
+def test_trainer_fixed_reference_under_zero3(tmp_path):
+    """PACSTrainer with pacs_reference='fixed' under DeepSpeed ZeRO-3 (one CPU process): resets, checkpoint and
+    resume, checked on probe log-probs by bench/sharded_reference.py (also run on a GPU with the recipes' configs)."""
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed (pip install --no-build-isolation deepspeed)")
+    script = Path(__file__).resolve().parents[1] / "bench" / "sharded_reference.py"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", "29533",
+           str(script), "--zero3", "--output", str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    result = json.loads((tmp_path / "sharded_reference_zero3.json").read_text())
+    assert result["sharding"] == "zero3" and result["all_ok"], result

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The GPU checks of the trainer, in one run (about 5 minutes on one H100/H200), from the repository root:
+#   bash bench/gpu_check.sh [RESULTS_DIR]
+# 1. bench/step_time.py: PACS vs TRL's GRPO, step time and peak memory, random-init Qwen2.5-0.5B shape, bf16;
+# 2. bench/sharded_reference.py under the recipes' DeepSpeed ZeRO-3 and FSDP2 accelerate configs (one process):
+#    the fixed reference's resets, checkpoint and resume.
+# Needs trl, datasets, math-verify, deepspeed importable (a folder .whl/ of wheels is installed first if present,
+# for machines without network; STEP_ARGS="--tiny --steps 2" gives a CPU dry run). Results (logs and JSON) go to RESULTS_DIR (default outputs/gpu-check).
+set -u
+RESULTS=${1:-outputs/gpu-check}
+WORK=$(mktemp -d)
+mkdir -p "$RESULTS"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD/src:${PYTHONPATH:-}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$RESULTS/gpu.txt" 2>&1
+python3 -c "import torch, transformers, trl, accelerate, deepspeed; print('torch', torch.__version__, 'transformers',
+transformers.__version__, 'trl', trl.__version__, 'accelerate', accelerate.__version__, 'deepspeed',
+deepspeed.__version__)" >> "$RESULTS/gpu.txt" 2>&1
+cat "$RESULTS/gpu.txt"
+
+status=0
+echo "== step time: PACS vs GRPO"
+timeout 200 python3 bench/step_time.py --output "$WORK/step" ${STEP_ARGS:-} > "$RESULTS/step_time.log" 2>&1 || status=1
+cp "$WORK/step/step_time.json" "$RESULTS/" 2>/dev/null
+grep -A4 "^device:" "$RESULTS/step_time.log" || tail -20 "$RESULTS/step_time.log"
+
+for kind in zero3 fsdp2; do
+  echo "== fixed reference under $kind"
+  timeout 120 accelerate launch --config_file "recipes/accelerate/$kind.yaml" --num_processes 1 \
+    bench/sharded_reference.py --output "$WORK/$kind" > "$RESULTS/$kind.log" 2>&1 || status=1
+  cp "$WORK/$kind/sharded_reference_$kind.json" "$RESULTS/" 2>/dev/null
+  grep '^{"sharding"' "$RESULTS/$kind.log" || tail -30 "$RESULTS/$kind.log"
+done
+exit $status
