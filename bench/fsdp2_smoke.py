@@ -5,13 +5,20 @@ optionally saving a checkpoint at step 2. Prints one line "DIAG <settings> ok|FA
     ALGO=pacs REF=fixed TIE=1 SAVE=1 accelerate launch --config_file recipes/accelerate/fsdp2.yaml \
         --num_processes 1 bench/fsdp2_smoke.py
 """
-import os, sys, traceback, torch
+import os
+import sys
+import traceback
+
+import torch
+
 sys.path.insert(0, "tests")
-from tiny import build_tokenizer
 from datasets import Dataset
 from transformers import Qwen2Config, Qwen2ForCausalLM
 from trl import GRPOConfig, GRPOTrainer
+
 from pacsrl import PACSConfig, PACSTrainer
+from tiny import build_tokenizer
+
 algo, ref, tie = os.environ["ALGO"], os.environ.get("REF", "old"), os.environ.get("TIE", "1") == "1"
 def every_third(completions, **kw):
     return [float(i % 3 == 0) for i in range(len(completions))]

@@ -31,9 +31,8 @@ from datasets import Dataset
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from tiny import build_tokenizer  # noqa: E402
-
-from pacsrl import PACSConfig, PACSTrainer  # noqa: E402
+from pacsrl import PACSConfig, PACSTrainer
+from tiny import build_tokenizer
 
 
 def every_third(completions, **kwargs):

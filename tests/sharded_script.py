@@ -10,9 +10,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
-from tiny import build_model, build_tokenizer  # noqa: E402
-
-from pacsrl.sharded import copy_module, full_state_dict, is_dtensor, is_zero3, load_full_state_dict  # noqa: E402
+from pacsrl.sharded import copy_module, full_state_dict, is_dtensor, is_zero3, load_full_state_dict
+from tiny import build_model, build_tokenizer
 
 ZERO3 = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
 
@@ -20,7 +19,6 @@ ZERO3 = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
 def main(mode: str, out_dir: str) -> None:
     if mode == "zero3":
         import deepspeed
-
         from transformers.integrations import HfDeepSpeedConfig
 
         deepspeed.init_distributed(dist_backend="gloo")

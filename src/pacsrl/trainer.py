@@ -91,8 +91,10 @@ class PACSTrainer(GRPOTrainer):
     Overrides, and why:
 
     - ``__init__``: checks that ``args`` is a ``PACSConfig``; builds the frozen reference for
-      ``pacs_reference="fixed"`` (a copy of the model, or with PEFT a frozen copy of the adapter, named
-      ``pacs_ref``) and registers the callback that resets it.
+      ``pacs_reference="fixed"`` (a copy of the model with the policy's dtypes, prepared for DeepSpeed / FSDP2
+      like TRL's own reference model, or with PEFT a frozen copy of the adapter, named ``pacs_ref``) and
+      registers the callback that resets it. Copies, saves and loads of the reference go through
+      ``pacsrl.sharded``, which handles ZeRO-3 and FSDP2 shards one tensor at a time.
     - ``_calculate_rewards``: keeps the rewards of every reward function (gathered across processes), from which
       the 0/1 labels are made; TRL itself only keeps its GRPO advantages.
     - ``_generate_and_score_completions``: adds ``pacs_labels`` and ``pacs_group_ids`` to the batch, checks that
@@ -349,6 +351,7 @@ class PACSTrainer(GRPOTrainer):
 
         on_policy = mode == "train" and self._is_on_policy()
         skipped = 0
+        weight_sum = class_weights(labels, G, args.pacs_weight_mode).sum()  # for the on-policy value and the metrics
         if on_policy and args.pacs_on_policy_fast_path:
             adv = on_policy_advantage(labels, G, baseline=args.pacs_baseline, weight_mode=args.pacs_weight_mode)
             keep_group = adv.view(-1, G).ne(0).any(dim=1)  # (B,)
@@ -362,8 +365,7 @@ class PACSTrainer(GRPOTrainer):
             logps, entropies = self._forward(model, inputs, rows)  # (N', T)
             loss = pacs_on_policy_loss(logps, mask[rows], labels[rows], G, num_rows=N, **loss_kwargs)
             # the loss value on-policy is (1/N) sum_i w_i log 2 over all rows, skipped ones included
-            w = class_weights(labels, G, args.pacs_weight_mode)
-            loss_value = w.sum() * math.log(2.0) / N
+            loss_value = weight_sum * math.log(2.0) / N
             if placeholder:  # zero gradient, true value
                 loss = loss * 0.0 + loss_value
                 if self._pacs_aux_loss is not None:
@@ -387,7 +389,8 @@ class PACSTrainer(GRPOTrainer):
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather(self._pacs_aux_loss.detach()).mean().item())
         if mode == "train":
             loss = loss / self.current_gradient_accumulation_steps  # TRL turns off HF's own loss scaling
-        self._log_pacs_metrics(mode, loss_value, labels, rewards, psi, entropies, ent_mask, skipped, N, on_policy)
+        self._log_pacs_metrics(mode, loss_value, labels, rewards, psi, weight_sum, entropies, ent_mask, skipped, N,
+                               on_policy)
         return loss
 
     def _reference_logps(self, inputs: dict[str, Any], logps: torch.Tensor, on_policy: bool) -> torch.Tensor | None:
@@ -421,16 +424,16 @@ class PACSTrainer(GRPOTrainer):
             inputs["pacs_ref_version"] = self._pacs_ref_version
         return cached
 
-    def _log_pacs_metrics(self, mode, loss_value, labels, rewards, psi, entropies, ent_mask, skipped, N, on_policy):
+    def _log_pacs_metrics(self, mode, loss_value, labels, rewards, psi, weight_sum, entropies, ent_mask, skipped, N,
+                          on_policy):
         device = labels.device
-        G = self.num_generations if mode == "train" else self.num_generations_eval
         acc = self.accelerator
         self._metrics[mode]["pacs/loss"].append(acc.gather(loss_value.detach().reshape(1)).mean().item())
         # sums reduced across processes, then moments
         local = torch.stack([
             torch.tensor(float(N), device=device),
             rewards.sum(), (rewards ** 2).sum(), psi.sum(), (psi ** 2).sum(),
-            class_weights(labels, G, self.args.pacs_weight_mode).sum(),
+            weight_sum,
             torch.tensor(float(skipped), device=device),
         ]).float()
         n, r1, r2, p1, p2, wsum, skip = acc.reduce(local, reduction="sum").tolist()
