@@ -453,3 +453,42 @@ def test_fixed_reference_is_the_policy_right_after_it_is_built(tmp_path, dtype):
         logps, _ = trainer._forward(trainer.model, inputs)
         ref_logps = trainer._reference_logps(inputs, logps, on_policy=False)
     assert torch.equal(ref_logps, logps)
+
+
+def test_deferred_reference_gets_the_policy_at_train_start_unless_resumed(tmp_path):
+    """Under FSDP the reference's weights are copied when training starts (the policy may still be on the meta
+    device in __init__); a reference restored from a checkpoint must not be overwritten then."""
+    from transformers import TrainerCallback
+
+    def start(trainer):
+        ref = trainer._ref_module()
+        with torch.no_grad():
+            for p in ref.parameters():
+                p.zero_()  # what the reference holds before it is given weights
+        trainer._pacs_ref_pending = True
+        seen = {}
+
+        class AtFirstStep(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                if "ref" not in seen:
+                    seen["ref"] = {k: v.clone() for k, v in ref.state_dict().items()}
+                    seen["policy"] = {k: v.clone() for k, v in
+                                      trainer.accelerator.unwrap_model(trainer.model).state_dict().items()}
+
+        trainer.add_callback(AtFirstStep())
+        return seen
+
+    # reset every 3 steps: the step-2 checkpoint holds the initial reference while the policy has moved
+    kwargs = dict(pacs_reference="fixed", pacs_ref_reset_steps=3, reward=every_third, pacs_beta=0.5)
+    trainer = make_trainer(tmp_path, max_steps=2, save_strategy="steps", save_steps=2, **kwargs)
+    seen = start(trainer)
+    trainer.train()
+    assert all(torch.equal(seen["ref"][k], v) for k, v in seen["policy"].items())  # filled from the policy
+    assert not trainer._pacs_ref_pending
+
+    resumed = make_trainer(tmp_path, max_steps=3, save_strategy="no", **kwargs)
+    seen = start(resumed)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    saved = torch.load(tmp_path / "out" / "checkpoint-2" / "pacs_reference_model.pt", weights_only=True)
+    assert all(torch.equal(seen["ref"][k], v) for k, v in saved.items())  # the checkpoint's reference ...
+    assert any(not torch.equal(seen["ref"][k], v) for k, v in seen["policy"].items())  # ... not the policy

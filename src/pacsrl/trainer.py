@@ -76,6 +76,9 @@ class _ReferenceResetCallback(TrainerCallback):
     def __init__(self, trainer: PACSTrainer):
         self.trainer = trainer
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._init_pending_reference()  # after accelerate has prepared (sharded) the policy
+
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % args.pacs_ref_reset_steps == 0:
             self.trainer._reset_reference()
@@ -140,6 +143,7 @@ class PACSTrainer(GRPOTrainer):
         self._pacs_ref_version = 0  # number of resets of the fixed reference
         self.pacs_ref_model = None  # the frozen copy (full fine-tuning); with PEFT, an adapter named "pacs_ref"
         self._pacs_ref_adapter: str | None = None
+        self._pacs_ref_pending = False  # the reference still has to be given the policy's weights
         if args.pacs_reference == "fixed":
             self._build_fixed_reference()
             self.add_callback(_ReferenceResetCallback(self))
@@ -180,7 +184,18 @@ class PACSTrainer(GRPOTrainer):
             self.pacs_ref_model = prepare_fsdp(ref, self.accelerator)
         else:
             self.pacs_ref_model = self.accelerator.prepare_model(ref, evaluation_mode=True)
-        copy_module(policy, self._ref_module())
+        if self.is_fsdp_enabled or any(t.is_meta for t in policy.state_dict().values()):
+            # with FSDP's cpu_ram_efficient_loading, processes other than the first hold the policy on the meta
+            # device until accelerate prepares it: the weights are copied when training (or evaluation) starts
+            self._pacs_ref_pending = True
+        else:
+            copy_module(policy, self._ref_module())
+
+    def _init_pending_reference(self) -> None:
+        """Give the reference the policy's weights if that was deferred and no checkpoint provided them."""
+        if self._pacs_ref_pending:
+            copy_module(self.accelerator.unwrap_model(self.model), self._ref_module())
+            self._pacs_ref_pending = False
 
     def _ref_module(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.pacs_ref_model)
@@ -248,6 +263,7 @@ class PACSTrainer(GRPOTrainer):
         self._pacs_ref_version, self._pacs_ref_step = state["ref_version"], state["ref_step"]
         weights = torch.load(os.path.join(checkpoint, _REF_WEIGHTS_FILE), map_location="cpu", weights_only=True)
         self._load_reference_state(weights)
+        self._pacs_ref_pending = False
 
     # ------------------------------------------------------------------------------------------------
     # rollouts: labels and group ids
@@ -412,6 +428,7 @@ class PACSTrainer(GRPOTrainer):
                 "gradient_accumulation_steps)"
             )
         # fixed reference: computed once per micro-batch and reference version, cached in the buffered batch
+        self._init_pending_reference()  # evaluation before any training
         cached = inputs.get("pacs_ref_logps")
         if cached is None or inputs.get("pacs_ref_version") != self._pacs_ref_version:
             with torch.no_grad():
