@@ -5,7 +5,8 @@
 # 2. bench/sharded_reference.py under the recipes' DeepSpeed ZeRO-3 and FSDP2 accelerate configs (one process):
 #    the fixed reference's resets, checkpoint and resume.
 # Needs trl, datasets, math-verify, deepspeed importable (a folder .whl/ of wheels is installed first if present,
-# for machines without network; STEP_ARGS="--tiny --steps 2" gives a CPU dry run). Results (logs and JSON) go to RESULTS_DIR (default outputs/gpu-check).
+# for machines without network). STEP_ARGS="--tiny --steps 2" makes the step-time part a CPU dry run; the
+# accelerate launches need a GPU. Results (logs and JSON) go to RESULTS_DIR (default outputs/gpu-check).
 set -u
 RESULTS=${1:-outputs/gpu-check}
 WORK=$(mktemp -d)

@@ -11,8 +11,9 @@ every step runs the reference's forward; no extra forward is added to the traini
 1. on the steps right after a reset (steps 1 and 3), pi_ref == pi_theta: every implicit reward is 0 (mean and
    std within --tol);
 2. one optimizer step after a reset (steps 2 and 4) they differ (the reference is a copy, not the policy);
-3. a run resumed from the checkpoint saved at the step-2 reset has the saved reference (its step 3 again has
-   implicit rewards 0) and continues the reset counter.
+3. a run resumed from the checkpoint saved at step 3 (its reference is the policy of step 2, neither the initial
+   model nor the policy of step 3) replays step 4 with the same implicit rewards as the first run, and continues
+   the reset counter.
 Prints one JSON line (the checks under "ok") and writes it to --output/sharded_reference_{none,zero3,fsdp2}.json.
 """
 
@@ -54,7 +55,7 @@ def build(tok, output_dir: str, max_steps: int, save: bool, zero3: bool) -> PACS
     ds = Dataset.from_list([{"prompt": [{"role": "user", "content": f"what is {i} + {i} ?"}]} for i in range(64)])
     cfg = PACSConfig(output_dir=output_dir, per_device_train_batch_size=8, num_generations=4,
                      max_completion_length=16, max_steps=max_steps, steps_per_generation=1, report_to=[],
-                     logging_steps=1, save_strategy="steps" if save else "no", save_steps=2, learning_rate=1e-3,
+                     logging_steps=1, save_strategy="steps" if save else "no", save_steps=3, learning_rate=1e-3,
                      bf16=gpu, use_cpu=not gpu, disable_tqdm=True, seed=0, pacs_reference="fixed",
                      pacs_ref_reset_steps=2, pacs_on_policy_fast_path=False, deepspeed=ZERO3 if zero3 else None)
     return PACSTrainer(model=model, reward_funcs=every_third, args=cfg, train_dataset=ds, processing_class=tok)
@@ -81,8 +82,12 @@ def main() -> int:
     trainer._reset_reference = lambda: (real(), resets.append(trainer.state.global_step))
     trainer.train()
     logs = step_logs(trainer)
-    resumed = build(tok, os.path.join(args.output, "resumed"), max_steps=3, save=False, zero3=args.zero3)
-    resumed.train(resume_from_checkpoint=os.path.join(run_dir, "checkpoint-2"))
+    # checkpoint-3 holds a reference (the policy of step 2) that is neither the initial model nor the policy
+    resumed = build(tok, os.path.join(args.output, "resumed"), max_steps=4, save=False, zero3=args.zero3)
+    resumed_resets = []
+    real_resumed = resumed._reset_reference
+    resumed._reset_reference = lambda: (real_resumed(), resumed_resets.append(resumed.state.global_step))
+    resumed.train(resume_from_checkpoint=os.path.join(run_dir, "checkpoint-3"))
     resumed_logs = step_logs(resumed)
 
     def size(h: dict) -> float:  # how far the implicit rewards beta * sum_t log(pi_theta / pi_ref) are from 0
@@ -92,8 +97,12 @@ def main() -> int:
         "resets_at_2_and_4": resets == [2, 4] and trainer._pacs_ref_version == 2,
         "ref_equals_policy_after_reset": size(logs[1]) <= args.tol and size(logs[3]) <= args.tol,
         "ref_differs_one_step_later": size(logs[2]) > args.tol and size(logs[4]) > args.tol,
-        "resume_restores_reference": 3 in resumed_logs and size(resumed_logs[3]) <= args.tol,
-        "resume_continues_counter": resumed._pacs_ref_version == 1 and resumed._pacs_ref_step == 2,
+        # step 4 replayed (same data and sampling after the restored RNG): same implicit rewards as the first run,
+        # which neither a reference copied from the policy (0) nor the initial model would give
+        "resume_restores_reference": 4 in resumed_logs and abs(size(resumed_logs[4]) - size(logs[4]))
+        <= args.tol * max(1.0, size(logs[4])) and size(resumed_logs[4]) > args.tol,
+        # the counter saved at step 3 (1 reset) continues: the step-4 reset is the second
+        "resume_continues_counter": resumed_resets == [4] and resumed._pacs_ref_version == 2,
         "finite_losses": all(math.isfinite(h["pacs/loss"]) for h in list(logs.values()) + list(resumed_logs.values())),
     }
     result = {"sharding": kind, "world": trainer.accelerator.num_processes,

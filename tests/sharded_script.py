@@ -79,8 +79,30 @@ def main(mode: str, out_dir: str) -> None:
         ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
         with torch.no_grad():
             checks["forward"] = torch.allclose(b(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-6)
+        # the trainer's FSDP2 reference: built on the meta device, sharded, materialised empty, then copied
+        from torch.distributed.fsdp import fully_shard
+        from transformers import AutoModelForCausalLM
+        from transformers.initialization import no_init_weights
+
+        with no_init_weights(), torch.device("meta"):
+            m = AutoModelForCausalLM.from_config(plain.config)
+        m.tie_weights()
+        fully_shard(m)
+        m.to_empty(device="cpu")
+        copy_module(a, m)  # the non-persistent buffers (rotary frequencies) come from the policy too
+        got = full_state_dict(m)
+        checks["meta_built"] = equal(got, want) if rank == 0 else got == {}
+        with torch.no_grad():
+            checks["meta_built_forward"] = torch.allclose(m(input_ids=ids).logits, plain(input_ids=ids).logits,
+                                                          atol=1e-6)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(checks, f)
+    dist.barrier()
+    if mode == "zero3":
+        # on CPU, DeepSpeed's communication threads sometimes abort the interpreter's teardown ("terminate called
+        # without an active exception") after everything above has run: leave without it
+        sys.stdout.flush()
+        os._exit(0)
     dist.destroy_process_group()
 
 

@@ -7,6 +7,7 @@ checks use plain modules."""
 import importlib.util
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,12 @@ import pytest
 import torch
 
 from pacsrl.sharded import copy_module, copy_tensors, full_state_dict, load_full_state_dict
+
+
+def _free_port() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
 
 
 def _net(seed, dtype=torch.float32):
@@ -68,8 +75,7 @@ def test_two_sharded_processes_match_the_unsharded_model(tmp_path, mode):
         pytest.skip("deepspeed is not installed (pip install --no-build-isolation deepspeed)")
     script = Path(__file__).with_name("sharded_script.py")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(script.parent)}
-    port = {"fsdp2": 29531, "zero3": 29532}[mode]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--master_port", _free_port(), "--nproc_per_node", "2",
            str(script), mode, str(tmp_path)]
     proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -86,7 +92,7 @@ def test_trainer_fixed_reference_under_zero3(tmp_path):
         pytest.skip("deepspeed is not installed (pip install --no-build-isolation deepspeed)")
     script = Path(__file__).resolve().parents[1] / "bench" / "sharded_reference.py"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--master_port", _free_port(), "--nproc_per_node", "1",
            str(script), "--zero3", "--output", str(tmp_path)]
     proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]

@@ -294,6 +294,7 @@ BASE = dict(output_dir="/tmp/pacs-cfg-test", report_to=[], use_cpu=True, per_dev
         (dict(reward_weights=[0.0, 0.0]), r"positive sum"),
         (dict(pacs_label_threshold=1.5), r"pacs_label_threshold=1.5"),
         (dict(pacs_reference="fixed", pacs_reward_form="mean_logp"), r"mean_logp.*uses no reference"),
+        (dict(pacs_reference="fixed", save_on_each_node=True), r"save_on_each_node=True with pacs_reference='fixed'"),
         (dict(epsilon=0.3), r"epsilon=0.3 is a GRPO option"),
         (dict(delta=1.5), r"delta=1.5 is a GRPO option"),
         (dict(use_adaptive_entropy=True), r"use_adaptive_entropy=True"),
@@ -492,3 +493,15 @@ def test_deferred_reference_gets_the_policy_at_train_start_unless_resumed(tmp_pa
     saved = torch.load(tmp_path / "out" / "checkpoint-2" / "pacs_reference_model.pt", weights_only=True)
     assert all(torch.equal(seen["ref"][k], v) for k, v in saved.items())  # the checkpoint's reference ...
     assert any(not torch.equal(seen["ref"][k], v) for k, v in seen["policy"].items())  # ... not the policy
+
+
+def test_reference_dtype_ignores_a_dominant_fp32_embedding():
+    """A small model whose tied embedding (cast to fp32 with the LM head) outweighs its bf16 body: the reference
+    must still be built in bf16."""
+    tok = build_tokenizer()
+    model = build_model(tok, hidden=4, layers=1).to(torch.bfloat16)
+    model.lm_head.float()  # tied: the embedding too, as TRL's cast_lm_head_to_fp32 does
+    embedding = model.get_input_embeddings().weight.numel()
+    body = sum(p.numel() for p in model.parameters()) - embedding
+    assert model.get_input_embeddings().weight.dtype == torch.float32 and embedding > body  # fp32 has the majority
+    assert trainer_mod._main_dtype(model) == torch.bfloat16

@@ -202,6 +202,12 @@ class PACSConfig(GRPOConfig):
                 "pacs_reward_form='mean_logp' uses no reference, so pacs_reference='fixed' would only cost memory; "
                 "use pacs_reference='old' with it"
             )
+        if self.pacs_reference == "fixed" and self.save_on_each_node:
+            raise ValueError(
+                "save_on_each_node=True with pacs_reference='fixed': the fixed reference is saved by the main "
+                "process only, so the other nodes' checkpoints could not resume it; save to a filesystem that "
+                "every node reads (save_on_each_node=False)"
+            )
         if not 0.0 < self.pacs_label_threshold <= 1.0:
             raise ValueError(
                 f"pacs_label_threshold={self.pacs_label_threshold} must be in (0, 1]: rewards are in [0, 1] and "

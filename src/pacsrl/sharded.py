@@ -2,11 +2,11 @@
 
 The fixed PACS reference is a second copy of the policy. Under ZeRO-3 and FSDP2 both models are sharded across
 processes, so neither ``load_state_dict`` nor ``Tensor.copy_`` sees whole tensors. These helpers work one tensor
-at a time (so at most one whole tensor is gathered at once), and every process must call them with the same
-tensors in the same order (they run collectives):
+at a time (at most one whole tensor exists at once, two for a ZeRO-3 copy: its source and destination), and
+every process must call them with the same tensors in the same order (they run collectives):
 
 - a ZeRO-3 parameter (it has ``ds_id``) is gathered with ``deepspeed.zero.GatheredParameters``; when it is the
-  destination, process 0 writes it and DeepSpeed re-partitions the new value on exit;
+  destination, every process writes the new value and DeepSpeed re-partitions it on exit;
 - an FSDP2 parameter is a ``DTensor``: two with the same mesh and placements are copied shard to shard, with no
   communication; otherwise the source is made whole (``full_tensor``) and each process keeps its shard
   (``distribute_tensor`` with ``src_data_rank=None``, no communication).
@@ -40,8 +40,16 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    """The whole tensor's shape (a ZeRO-3 parameter's own shape is that of its empty placeholder)."""
+    return tuple(t.ds_shape) if is_zero3(t) else tuple(t.shape)
+
+
 @contextlib.contextmanager
 def _gathered(tensors: list[torch.Tensor], modifier_rank: int | None):
+    """Gather the ZeRO-3 parameters among ``tensors`` (a no-op without any). With ``modifier_rank=0`` DeepSpeed
+    re-partitions them on exit from the values of rank 0 of their process group; every process writes the same
+    values, so which process that is does not matter."""
     zero = [t for t in tensors if is_zero3(t)]
     if not zero:
         yield
@@ -60,7 +68,11 @@ def _whole(t: torch.Tensor) -> torch.Tensor:
 def _assign(dst: torch.Tensor, whole: torch.Tensor) -> None:
     """dst <- whole, where ``whole`` is the full value, the same on every process."""
     if is_dtensor(dst):
-        shard = distribute_tensor(whole.to(dst.device, dst.dtype), dst.device_mesh, dst.placements, src_data_rank=None)
+        whole = whole.to(dst.device, dst.dtype)
+        try:  # each process keeps its own shard of its own copy: no communication
+            shard = distribute_tensor(whole, dst.device_mesh, dst.placements, src_data_rank=None)
+        except TypeError:  # torch < 2.7: scattered from rank 0 (which holds the same values)
+            shard = distribute_tensor(whole, dst.device_mesh, dst.placements)
         dst.to_local().copy_(shard.to_local())
     else:
         dst.data.copy_(whole)
@@ -70,15 +82,12 @@ def _assign(dst: torch.Tensor, whole: torch.Tensor) -> None:
 def copy_tensors(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
     """``dst <- src`` for every ``(src, dst)`` pair, each tensor plain, ZeRO-3 or DTensor. All processes call it."""
     for src, dst in pairs:
-        if tuple(src.shape) != tuple(dst.shape) and not (is_zero3(src) or is_zero3(dst)):
-            raise ValueError(f"cannot copy a tensor of shape {tuple(src.shape)} into one of {tuple(dst.shape)}")
+        if _shape(src) != _shape(dst):
+            raise ValueError(f"cannot copy a tensor of shape {_shape(src)} into one of {_shape(dst)}")
         if is_zero3(src) or is_zero3(dst):
-            if is_zero3(src) and is_zero3(dst) and tuple(src.ds_shape) != tuple(dst.ds_shape):
-                raise ValueError(f"cannot copy a tensor of shape {tuple(src.ds_shape)} into one of {dst.ds_shape}")
-            # a ZeRO-3 destination is written by process 0 and re-partitioned; a replicated one by every process
-            with _gathered([src, dst], modifier_rank=0 if is_zero3(dst) else None):
-                if not is_zero3(dst) or _rank() == 0:
-                    dst.data.copy_(src.data)
+            # the source gathered read-only (no re-partitioning of it), the destination written by every process
+            with _gathered([src], modifier_rank=None), _gathered([dst], modifier_rank=0):
+                dst.data.copy_(src.data)
         elif (is_dtensor(src) and is_dtensor(dst) and src.device_mesh == dst.device_mesh
               and src.placements == dst.placements):
             dst.to_local().copy_(src.to_local())  # same sharding: shard to shard
@@ -133,13 +142,11 @@ def load_full_state_dict(module: torch.nn.Module, weights: dict[str, torch.Tenso
         if name not in weights:
             continue
         w = weights[name]
-        shape = tuple(t.ds_shape) if is_zero3(t) else tuple(t.shape)
-        if tuple(w.shape) != shape:
-            raise ValueError(f"{name}: the saved tensor has shape {tuple(w.shape)}, the model's {shape}")
+        if tuple(w.shape) != _shape(t):
+            raise ValueError(f"{name}: the saved tensor has shape {tuple(w.shape)}, the model's {_shape(t)}")
         if is_zero3(t):
             with _gathered([t], modifier_rank=0):
-                if _rank() == 0:
-                    t.data.copy_(w)
+                t.data.copy_(w)
         else:
             _assign(t, w)
     return missing

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import logging
 import math
@@ -157,7 +159,7 @@ class PACSTrainer(GRPOTrainer):
                 "pacs_reference='fixed' with FSDP needs FSDP2 (fsdp_config version 2, transformers' default; FSDP1 "
                 "is deprecated); or use pacs_reference='old'"
             )
-        policy = self.accelerator.unwrap_model(self.model)
+        policy = self._policy_module()
         if is_peft_model(policy):
             # the reference is the base model plus a frozen copy of the trained adapter
             active = policy.active_adapter
@@ -170,9 +172,13 @@ class PACSTrainer(GRPOTrainer):
             self._copy_adapter(active, _REF_ADAPTER)
             return
         # a second model of the same architecture (partitioned at construction under ZeRO-3, as TRL's own
-        # reference), with the policy's dtypes, sharded like TRL's reference model, then given the policy's weights
-        with no_init_weights():
-            ref = AutoModelForCausalLM.from_config(policy.config, dtype=_main_dtype(policy))
+        # reference), with the policy's dtypes, sharded like TRL's reference model, then given the policy's weights.
+        # Under FSDP2 it is built on the meta device and materialised shard by shard, and its weights are copied
+        # when training (or evaluation) starts: with fsdp_cpu_ram_efficient_loading, the processes other than the
+        # first hold the policy on the meta device until accelerate has prepared it.
+        fsdp_meta = self.is_fsdp_enabled and not _fsdp_offloads(self.accelerator)
+        with no_init_weights(), torch.device("meta") if fsdp_meta else contextlib.nullcontext():
+            ref = AutoModelForCausalLM.from_config(copy.deepcopy(policy.config), dtype=_main_dtype(policy))
         ref.tie_weights()  # skipped along with the initialisation
         if self.args.cast_lm_head_to_fp32:
             _cast_lm_head_to_fp32(ref)  # as GRPOTrainer casts the policy and its own reference
@@ -182,11 +188,11 @@ class PACSTrainer(GRPOTrainer):
             self.pacs_ref_model = prepare_deepspeed(ref, self.accelerator)
         elif self.is_fsdp_enabled:
             self.pacs_ref_model = prepare_fsdp(ref, self.accelerator)
+            if fsdp_meta:
+                self.pacs_ref_model.to_empty(device=self.accelerator.device)  # shards, filled at train start
         else:
             self.pacs_ref_model = self.accelerator.prepare_model(ref, evaluation_mode=True)
-        if self.is_fsdp_enabled or any(t.is_meta for t in policy.state_dict().values()):
-            # with FSDP's cpu_ram_efficient_loading, processes other than the first hold the policy on the meta
-            # device until accelerate prepares it: the weights are copied when training (or evaluation) starts
+        if self.is_fsdp_enabled:  # the same decision on every process: the copy is a collective
             self._pacs_ref_pending = True
         else:
             copy_module(policy, self._ref_module())
@@ -194,27 +200,30 @@ class PACSTrainer(GRPOTrainer):
     def _init_pending_reference(self) -> None:
         """Give the reference the policy's weights if that was deferred and no checkpoint provided them."""
         if self._pacs_ref_pending:
-            copy_module(self.accelerator.unwrap_model(self.model), self._ref_module())
+            copy_module(self._policy_module(), self._ref_module())
             self._pacs_ref_pending = False
+
+    def _policy_module(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
 
     def _ref_module(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.pacs_ref_model)
 
     def _copy_adapter(self, source: str, target: str) -> None:
-        params = dict(self.accelerator.unwrap_model(self.model).named_parameters())
-        copy_tensors((p, params[n.replace(f".{source}.", f".{target}.")]) for n, p in params.items()
+        tensors = self._policy_module().state_dict(keep_vars=True)  # (FSDP2: the registered, sharded parameters)
+        copy_tensors((t, tensors[n.replace(f".{source}.", f".{target}.")]) for n, t in tensors.items()
                      if f".{source}." in n)
 
     def _reference_state(self) -> dict[str, torch.Tensor]:
         """Whole CPU tensors of the reference on process 0 (empty elsewhere); every process must call it."""
         if self._pacs_ref_adapter is not None:
-            policy = self.accelerator.unwrap_model(self.model)
+            policy = self._policy_module()
             return full_state_dict(policy, keep=lambda name: f".{self._pacs_ref_adapter}." in name)
         return full_state_dict(self._ref_module())
 
     def _load_reference_state(self, weights: dict[str, torch.Tensor]) -> None:
         if self._pacs_ref_adapter is not None:
-            policy = self.accelerator.unwrap_model(self.model)
+            policy = self._policy_module()
             ours = [k for k in policy.state_dict(keep_vars=True) if f".{self._pacs_ref_adapter}." in k]
             if sorted(ours) != sorted(weights):
                 raise RuntimeError("the checkpoint's PACS reference adapter does not match this model")
@@ -225,10 +234,9 @@ class PACSTrainer(GRPOTrainer):
     def _reset_reference(self) -> None:
         """Hard reset: pi_ref <- pi_theta, and the optimizer's moments and step counts cleared (paper v2)."""
         if self._pacs_ref_adapter is not None:
-            policy = self.accelerator.unwrap_model(self.model)
-            self._copy_adapter(policy.active_adapter, self._pacs_ref_adapter)
+            self._copy_adapter(self._policy_module().active_adapter, self._pacs_ref_adapter)
         else:
-            copy_module(self.accelerator.unwrap_model(self.model), self._ref_module())
+            copy_module(self._policy_module(), self._ref_module())
         optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps the torch optimizer
         optimizer.state.clear()
         self._pacs_ref_version += 1
@@ -483,12 +491,23 @@ class PACSTrainer(GRPOTrainer):
 
 
 def _main_dtype(model: torch.nn.Module) -> torch.dtype:
-    """The dtype holding most of the parameters (``model.dtype`` is the first one's: fp32 once a tied LM head
-    was cast to fp32)."""
+    """The dtype holding most of the parameters outside the embeddings (``model.dtype`` is the first parameter's:
+    fp32 once a tied LM head was cast to fp32, and a tied embedding can hold most of a small model)."""
+    embeddings = set()
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if module is not None:
+            embeddings.update(id(p) for p in module.parameters())
     sizes: dict[torch.dtype, int] = {}
     for p in model.parameters():
-        sizes[p.dtype] = sizes.get(p.dtype, 0) + int(getattr(p, "ds_numel", p.numel()))
-    return max(sizes, key=sizes.get)
+        if id(p) not in embeddings:
+            sizes[p.dtype] = sizes.get(p.dtype, 0) + int(getattr(p, "ds_numel", p.numel()))
+    return max(sizes, key=sizes.get) if sizes else next(model.parameters()).dtype
+
+
+def _fsdp_offloads(accelerator) -> bool:
+    """Whether FSDP keeps the sharded parameters on the CPU."""
+    offload = getattr(accelerator.state.fsdp_plugin, "cpu_offload", None)
+    return offload is True or type(offload).__name__ == "CPUOffloadPolicy" or bool(getattr(offload, "offload_params", False))
 
 
 def _cast_lm_head_to_fp32(model: torch.nn.Module) -> None:
