@@ -269,7 +269,8 @@ class PACSTrainer(GRPOTrainer):
         with open(path) as f:
             state = json.load(f)
         self._pacs_ref_version, self._pacs_ref_step = state["ref_version"], state["ref_step"]
-        weights = torch.load(os.path.join(checkpoint, _REF_WEIGHTS_FILE), map_location="cpu", weights_only=True)
+        weights = torch.load(os.path.join(checkpoint, _REF_WEIGHTS_FILE), map_location="cpu", weights_only=True,
+                             mmap=True)  # read tensor by tensor as they are loaded, not all at once
         self._load_reference_state(weights)
         self._pacs_ref_pending = False
 
