@@ -8,8 +8,8 @@ configs, including a reset, a checkpoint and a resume.
 
 What it checks, from the trainer's own ``pacs/implicit_reward/*`` metrics (the on-policy fast path is off, so
 every step runs the reference's forward; no extra forward is added to the training loop):
-1. on the steps right after a reset (steps 1 and 3), pi_ref == pi_theta: every implicit reward is 0 (mean and
-   std within --tol);
+1. on the first step (the reference is the initial policy) and right after the step-2 reset (step 3),
+   pi_ref == pi_theta: every implicit reward is 0 (mean and std within --tol);
 2. one optimizer step after a reset (steps 2 and 4) they differ (the reference is a copy, not the policy);
 3. a run resumed from the checkpoint saved at step 3 (its reference is the policy of step 2, neither the initial
    model nor the policy of step 3) replays step 4 with the same implicit rewards as the first run, and continues

@@ -10,7 +10,14 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
-from pacsrl.sharded import copy_module, full_state_dict, is_dtensor, is_zero3, load_full_state_dict
+from pacsrl.sharded import (
+    copy_buffers,
+    copy_module,
+    full_state_dict,
+    is_dtensor,
+    is_zero3,
+    load_full_state_dict,
+)
 from tiny import build_model, build_tokenizer
 
 ZERO3 = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
@@ -95,6 +102,17 @@ def main(mode: str, out_dir: str) -> None:
         with torch.no_grad():
             checks["meta_built_forward"] = torch.allclose(m(input_ids=ids).logits, plain(input_ids=ids).logits,
                                                           atol=1e-6)
+        # a resume: a meta-built reference loaded from a checkpoint, which holds no non-persistent buffers
+        with no_init_weights(), torch.device("meta"):
+            r = AutoModelForCausalLM.from_config(plain.config)
+        r.tie_weights()
+        fully_shard(r)
+        r.to_empty(device="cpu")
+        load_full_state_dict(r, want)
+        copy_buffers(a, r)
+        with torch.no_grad():
+            checks["meta_built_resume_forward"] = torch.allclose(r(input_ids=ids).logits,
+                                                                 plain(input_ids=ids).logits, atol=1e-6)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(checks, f)
     dist.barrier()

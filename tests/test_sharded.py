@@ -81,13 +81,17 @@ def test_two_sharded_processes_match_the_unsharded_model(tmp_path, mode):
     assert proc.returncode == 0, proc.stderr[-4000:]
     for rank in (0, 1):
         checks = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert len(checks) >= 7 and all(checks.values()), (rank, checks)
+        names = {"sharded", "plain_to_sharded", "sharded_to_sharded", "to_bf16", "sharded_to_plain", "load", "keep"}
+        if mode == "fsdp2":
+            names |= {"forward", "meta_built", "meta_built_forward", "meta_built_resume_forward"}
+        assert set(checks) == names and all(checks.values()), (rank, checks)
 
 
 @pytest.mark.slow
 def test_trainer_fixed_reference_under_zero3(tmp_path):
     """PACSTrainer with pacs_reference='fixed' under DeepSpeed ZeRO-3 (one CPU process): resets, checkpoint and
-    resume, checked on probe log-probs by bench/sharded_reference.py (also run on a GPU with the recipes' configs)."""
+    resume, checked on the trainer's implicit-reward metrics by bench/sharded_reference.py (the GPU check runs it
+    with the recipes' accelerate configs)."""
     if importlib.util.find_spec("deepspeed") is None:
         pytest.skip("deepspeed is not installed (pip install --no-build-isolation deepspeed)")
     script = Path(__file__).resolve().parents[1] / "bench" / "sharded_reference.py"

@@ -466,6 +466,8 @@ def test_deferred_reference_gets_the_policy_at_train_start_unless_resumed(tmp_pa
         with torch.no_grad():
             for p in ref.parameters():
                 p.zero_()  # what the reference holds before it is given weights
+            for b in ref.buffers():
+                b.fill_(float("nan"))  # non-persistent buffers (rotary frequencies) too: never in a checkpoint
         trainer._pacs_ref_pending = True
         seen = {}
 
@@ -473,6 +475,8 @@ def test_deferred_reference_gets_the_policy_at_train_start_unless_resumed(tmp_pa
             def on_step_begin(self, args, state, control, **kwargs):
                 if "ref" not in seen:
                     seen["ref"] = {k: v.clone() for k, v in ref.state_dict().items()}
+                    policy = trainer.accelerator.unwrap_model(trainer.model)
+                    seen["buffers"] = all(torch.equal(a, b) for a, b in zip(ref.buffers(), policy.buffers()))
                     seen["policy"] = {k: v.clone() for k, v in
                                       trainer.accelerator.unwrap_model(trainer.model).state_dict().items()}
 
@@ -485,7 +489,7 @@ def test_deferred_reference_gets_the_policy_at_train_start_unless_resumed(tmp_pa
     seen = start(trainer)
     trainer.train()
     assert all(torch.equal(seen["ref"][k], v) for k, v in seen["policy"].items())  # filled from the policy
-    assert not trainer._pacs_ref_pending
+    assert seen["buffers"] and not trainer._pacs_ref_pending
 
     resumed = make_trainer(tmp_path, max_steps=3, save_strategy="no", **kwargs)
     seen = start(resumed)
@@ -493,6 +497,7 @@ def test_deferred_reference_gets_the_policy_at_train_start_unless_resumed(tmp_pa
     saved = torch.load(tmp_path / "out" / "checkpoint-2" / "pacs_reference_model.pt", weights_only=True)
     assert all(torch.equal(seen["ref"][k], v) for k, v in saved.items())  # the checkpoint's reference ...
     assert any(not torch.equal(seen["ref"][k], v) for k, v in seen["policy"].items())  # ... not the policy
+    assert seen["buffers"]  # and the buffers outside the checkpoint come from the policy
 
 
 def test_reference_dtype_ignores_a_dominant_fp32_embedding():

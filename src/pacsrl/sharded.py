@@ -103,12 +103,35 @@ def copy_module(src: torch.nn.Module, dst: torch.nn.Module) -> None:
         missing, extra = sorted(set(s) - set(d)), sorted(set(d) - set(s))
         raise ValueError(f"the two models differ: only in the source {missing[:5]}, only in the target {extra[:5]}")
     copy_tensors((s[k], d[k]) for k in s)
-    # buffers outside the state dict (rotary frequencies, ...) are never sharded: copied with their dtype
-    dst_buffers = dict(dst.named_buffers())
-    with torch.no_grad():
-        for name, b in src.named_buffers():
-            if name not in s and name in dst_buffers:
-                dst_buffers[name].data = b.data.to(dst_buffers[name].device, copy=True)
+    copy_buffers(src, dst)
+
+
+# wrappers that change module names but not state-dict keys (activation checkpointing, torch.compile)
+_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def _non_persistent_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    keys = set(module.state_dict(keep_vars=True))
+    out = {}
+    for name, b in module.named_buffers():
+        clean = name
+        for prefix in _WRAPPER_PREFIXES:
+            clean = clean.replace(prefix, "")
+        if clean not in keys:
+            out[clean] = b
+    return out
+
+
+@torch.no_grad()
+def copy_buffers(src: torch.nn.Module, dst: torch.nn.Module) -> None:
+    """Copy the buffers outside the state dict (rotary frequencies, ...), with their dtype. They are never sharded
+    and not saved in checkpoints, so a reference built empty gets them from the policy. No collective."""
+    s, d = _non_persistent_buffers(src), _non_persistent_buffers(dst)
+    if set(s) != set(d):
+        raise ValueError(f"the two models' buffers differ: only in the source {sorted(set(s) - set(d))[:5]}, "
+                         f"only in the target {sorted(set(d) - set(s))[:5]}")
+    for name, b in s.items():
+        d[name].data = b.data.to(d[name].device, copy=True)
 
 
 @torch.no_grad()

@@ -34,7 +34,7 @@ from pacsrl.objective import (
     pacs_loss,
     pacs_on_policy_loss,
 )
-from pacsrl.sharded import copy_module, copy_tensors, full_state_dict, load_full_state_dict
+from pacsrl.sharded import copy_buffers, copy_module, copy_tensors, full_state_dict, load_full_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +176,8 @@ class PACSTrainer(GRPOTrainer):
         # Under FSDP2 it is built on the meta device and materialised shard by shard, and its weights are copied
         # when training (or evaluation) starts: with fsdp_cpu_ram_efficient_loading, the processes other than the
         # first hold the policy on the meta device until accelerate has prepared it.
-        fsdp_meta = self.is_fsdp_enabled and not _fsdp_offloads(self.accelerator)
+        fsdp_meta = (self.is_fsdp_enabled and not _fsdp_offloads(self.accelerator)
+                     and not getattr(self.accelerator.state.fsdp_plugin, "ignored_modules", None))
         with no_init_weights(), torch.device("meta") if fsdp_meta else contextlib.nullcontext():
             ref = AutoModelForCausalLM.from_config(copy.deepcopy(policy.config), dtype=_main_dtype(policy))
         ref.tie_weights()  # skipped along with the initialisation
@@ -272,6 +273,8 @@ class PACSTrainer(GRPOTrainer):
         weights = torch.load(os.path.join(checkpoint, _REF_WEIGHTS_FILE), map_location="cpu", weights_only=True,
                              mmap=True)  # read tensor by tensor as they are loaded, not all at once
         self._load_reference_state(weights)
+        if self._pacs_ref_adapter is None:  # buffers outside the state dict: never saved, built empty under FSDP2
+            copy_buffers(self._policy_module(), self._ref_module())
         self._pacs_ref_pending = False
 
     # ------------------------------------------------------------------------------------------------
@@ -508,7 +511,9 @@ def _main_dtype(model: torch.nn.Module) -> torch.dtype:
 def _fsdp_offloads(accelerator) -> bool:
     """Whether FSDP keeps the sharded parameters on the CPU."""
     offload = getattr(accelerator.state.fsdp_plugin, "cpu_offload", None)
-    return offload is True or type(offload).__name__ == "CPUOffloadPolicy" or bool(getattr(offload, "offload_params", False))
+    if offload is True or type(offload).__name__ == "CPUOffloadPolicy":  # FSDP2
+        return True
+    return bool(getattr(offload, "offload_params", False))  # FSDP1's CPUOffload
 
 
 def _cast_lm_head_to_fp32(model: torch.nn.Module) -> None:
