@@ -159,11 +159,10 @@ def test_compute_metrics_per_source_and_overall():
 # Fixtures: a tiny model, its tokenizer, small prepared datasets, a pluggable scorer
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
+def _save_char_model(path: Path, vocab_size: int | None = None, **sizes) -> Path:
+    """A random Qwen2 with a char-level tokenizer (printable ASCII, 98 tokens), saved to ``path``."""
     import string
 
-    import torch
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
@@ -181,23 +180,18 @@ def tiny_model_dir(tmp_path_factory) -> Path:
         "{% if add_generation_prompt %}[assistant]{% endif %}"
     )
     torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=len(vocab),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=128,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=1,
-    )
-    model = Qwen2ForCausalLM(config)
-    path = tmp_path_factory.mktemp("tiny_model")
-    model.save_pretrained(path)
+    config = Qwen2Config(vocab_size=vocab_size or len(vocab), pad_token_id=0, eos_token_id=1, bos_token_id=1,
+                         **sizes)
+    Qwen2ForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return _save_char_model(tmp_path_factory.mktemp("tiny_model"), hidden_size=16, intermediate_size=32,
+                            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                            max_position_embeddings=128)
 
 
 @pytest.fixture(scope="module")
@@ -635,39 +629,9 @@ def test_cli_eval_recompute_compare(tiny_model_dir, dataset_file, tmp_path, monk
 
 def _save_gpu_model(path: Path) -> Path:
     """A tiny random Qwen2 with a char-level tokenizer, shaped for vLLM's kernels (head_dim 64)."""
-    import string
-
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
-
-    specials = ["<pad>", "</s>", "<unk>"]
-    chars = [ch for ch in string.printable if ch not in "\t\n\r\x0b\x0c"]
-    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + chars)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
-    )
-    tokenizer.chat_template = (
-        "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
-        "{% if add_generation_prompt %}[assistant]{% endif %}"
-    )
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=128,  # >= the 98 tokens, a multiple of 8 for the kernels
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=1,
-    )
-    Qwen2ForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return _save_char_model(path, vocab_size=128,  # >= the 98 tokens, a multiple of 8 for the kernels
+                            hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                            num_key_value_heads=1, max_position_embeddings=256)
 
 
 @pytest.mark.gpu
