@@ -61,6 +61,14 @@ def build(tok, output_dir: str, max_steps: int, save: bool, zero3: bool) -> PACS
     return PACSTrainer(model=model, reward_funcs=every_third, args=cfg, train_dataset=ds, processing_class=tok)
 
 
+def record_resets(trainer: PACSTrainer) -> list[int]:
+    """The optimizer steps at which the trainer resets its reference, filled in as it trains."""
+    steps = []
+    real = trainer._reset_reference
+    trainer._reset_reference = lambda: (real(), steps.append(trainer.state.global_step))
+    return steps
+
+
 def step_logs(trainer: PACSTrainer) -> dict[int, dict]:
     return {h["step"]: h for h in trainer.state.log_history if "pacs/implicit_reward/std" in h}
 
@@ -77,16 +85,12 @@ def main() -> int:
 
     trainer = build(tok, run_dir, max_steps=4, save=True, zero3=args.zero3)
     kind = ("zero3" if trainer.is_deepspeed_enabled else "fsdp2" if trainer.is_fsdp_enabled else "none")
-    resets = []
-    real = trainer._reset_reference
-    trainer._reset_reference = lambda: (real(), resets.append(trainer.state.global_step))
+    resets = record_resets(trainer)
     trainer.train()
     logs = step_logs(trainer)
     # checkpoint-3 holds a reference (the policy of step 2) that is neither the initial model nor the policy
     resumed = build(tok, os.path.join(args.output, "resumed"), max_steps=4, save=False, zero3=args.zero3)
-    resumed_resets = []
-    real_resumed = resumed._reset_reference
-    resumed._reset_reference = lambda: (real_resumed(), resumed_resets.append(resumed.state.global_step))
+    resumed_resets = record_resets(resumed)
     resumed.train(resume_from_checkpoint=os.path.join(run_dir, "checkpoint-3"))
     resumed_logs = step_logs(resumed)
 

@@ -91,11 +91,14 @@ def main(mode: str, out_dir: str) -> None:
         from transformers import AutoModelForCausalLM
         from transformers.initialization import no_init_weights
 
-        with no_init_weights(), torch.device("meta"):
-            m = AutoModelForCausalLM.from_config(plain.config)
-        m.tie_weights()
-        fully_shard(m)
-        m.to_empty(device="cpu")
+        def meta_built():
+            with no_init_weights(), torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(plain.config)
+            model.tie_weights()
+            fully_shard(model)
+            return model.to_empty(device="cpu")
+
+        m = meta_built()
         copy_module(a, m)  # the non-persistent buffers (rotary frequencies) come from the policy too
         got = full_state_dict(m)
         checks["meta_built"] = equal(got, want) if rank == 0 else got == {}
@@ -103,11 +106,7 @@ def main(mode: str, out_dir: str) -> None:
             checks["meta_built_forward"] = torch.allclose(m(input_ids=ids).logits, plain(input_ids=ids).logits,
                                                           atol=1e-6)
         # a resume: a meta-built reference loaded from a checkpoint, which holds no non-persistent buffers
-        with no_init_weights(), torch.device("meta"):
-            r = AutoModelForCausalLM.from_config(plain.config)
-        r.tie_weights()
-        fully_shard(r)
-        r.to_empty(device="cpu")
+        r = meta_built()
         load_full_state_dict(r, want)
         copy_buffers(a, r)
         with torch.no_grad():
