@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU checks of the trainer, in one run (about 5 minutes on one H100/H200), from the repository root:
+# The GPU checks of the trainer, in one run (176 s on one H200 at commit 48196aa, machine start not counted), from the
+# repository root:
 #   bash bench/gpu_check.sh [RESULTS_DIR]
 # 1. bench/step_time.py: PACS vs TRL's GRPO, step time and peak memory, random-init Qwen2.5-0.5B shape, bf16;
 # 2. bench/sharded_reference.py under the recipes' DeepSpeed ZeRO-3 and FSDP2 accelerate configs (one process):
