@@ -5,6 +5,13 @@ configs, including a reset, a checkpoint and a resume.
     accelerate launch --config_file recipes/accelerate/fsdp2.yaml --num_processes 1 bench/sharded_reference.py
     python bench/sharded_reference.py            # no sharding (CPU or one GPU): the same checks, as a baseline
     torchrun --nproc_per_node 1 bench/sharded_reference.py --zero3   # ZeRO-3 without accelerate (also on a CPU)
+    torchrun --nproc_per_node 2 bench/sharded_reference.py --fsdp2-cpu [--peft]   # FSDP2 on CPU processes
+
+``--fsdp2-cpu`` runs FSDP2 on CPU processes (gloo) with the FSDP settings of ``recipes/accelerate/fsdp2.yaml``.
+torch's FSDP2 runs on CPU, but accelerate only enables FSDP on accelerators, so this mode lifts that one check
+(``_allow_fsdp_on_cpu``); everything else (accelerate's FSDP2 preparation, transformers' loading with
+``cpu_ram_efficient_loading``, which leaves the model on the meta device in every process but the first) is the
+real code path. ``--peft`` trains a LoRA adapter, so the reference is the frozen adapter copy.
 
 What it checks, from the trainer's own ``pacs/implicit_reward/*`` metrics (the on-policy fast path is off, so
 every step runs the reference's forward; no extra forward is added to the training loop):
@@ -14,7 +21,8 @@ every step runs the reference's forward; no extra forward is added to the traini
 3. a run resumed from the checkpoint saved at step 3 (its reference is the policy of step 2, neither the initial
    model nor the policy of step 3) replays step 4 with the same implicit rewards as the first run, and continues
    the reset counter.
-Prints one JSON line (the checks under "ok") and writes it to --output/sharded_reference_{none,zero3,fsdp2}.json.
+Prints one JSON line (the checks under "ok") and writes it to
+--output/sharded_reference_{none,zero3,fsdp2}[_peft].json.
 """
 
 from __future__ import annotations
@@ -28,6 +36,9 @@ import sys
 from pathlib import Path
 
 import torch
+import yaml
+from accelerate import PartialState
+from accelerate.utils import gather_object
 from datasets import Dataset
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -45,20 +56,86 @@ ZERO3 = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "a
          "gradient_accumulation_steps": "auto", "bf16": {"enabled": "auto"}}
 
 
-def build(tok, output_dir: str, max_steps: int, save: bool, zero3: bool) -> PACSTrainer:
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512,
-                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
-    model = Qwen2ForCausalLM(config)
+FSDP2_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "accelerate" / "fsdp2.yaml"
+
+
+def recipe_fsdp_config() -> dict:
+    """The recipe's accelerate ``fsdp_config`` in TrainingArguments' spelling."""
+    names = {"fsdp_version": "version", "fsdp_auto_wrap_policy": "auto_wrap_policy",
+             "fsdp_cpu_ram_efficient_loading": "cpu_ram_efficient_loading", "fsdp_offload_params": "cpu_offload",
+             "fsdp_reshard_after_forward": "reshard_after_forward", "fsdp_state_dict_type": "state_dict_type",
+             "fsdp_activation_checkpointing": "activation_checkpointing"}
+    recipe = yaml.safe_load(FSDP2_RECIPE.read_text())["fsdp_config"]
+    unknown = set(recipe) - set(names)
+    if unknown:
+        raise ValueError(f"{FSDP2_RECIPE}: no TrainingArguments spelling for {sorted(unknown)}")
+    return {names[k]: v for k, v in recipe.items()}
+
+
+def _allow_fsdp_on_cpu() -> None:
+    """accelerate enables FSDP only on accelerators (a CPU run with an FSDP plugin falls back to DDP); torch's
+    FSDP2 itself works on CPU with gloo. Keep the plugin on CPU processes, before anything builds the state."""
+    import accelerate.state
+    from accelerate.utils import DistributedType
+
+    init = accelerate.state.AcceleratorState.__init__
+
+    def patched(self, *args, fsdp_plugin=None, **kwargs):
+        init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+            accelerate.state.PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+    accelerate.state.AcceleratorState.__init__ = patched
+    os.environ["ACCELERATE_USE_FSDP"] = "true"  # what `accelerate launch` sets; transformers' loading reads it
+
+
+def build(tok, output_dir: str, max_steps: int, save: bool, args) -> tuple[PACSTrainer, bool]:
+    """The trainer, and whether this process's weights were NaN until accelerate prepared the model."""
     gpu = torch.cuda.is_available()
-    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": f"what is {i} + {i} ?"}]} for i in range(64)])
     cfg = PACSConfig(output_dir=output_dir, per_device_train_batch_size=8, num_generations=4,
                      max_completion_length=16, max_steps=max_steps, steps_per_generation=1, report_to=[],
                      logging_steps=1, save_strategy="steps" if save else "no", save_steps=3, learning_rate=1e-3,
                      bf16=gpu, use_cpu=not gpu, disable_tqdm=True, seed=0, pacs_reference="fixed",
-                     pacs_ref_reset_steps=2, pacs_on_policy_fast_path=False, deepspeed=ZERO3 if zero3 else None)
-    return PACSTrainer(model=model, reward_funcs=every_third, args=cfg, train_dataset=ds, processing_class=tok)
+                     pacs_ref_reset_steps=2, pacs_on_policy_fast_path=False, deepspeed=ZERO3 if args.zero3 else None,
+                     fsdp=bool(args.fsdp2_cpu), fsdp_config=recipe_fsdp_config() if args.fsdp2_cpu else None)
+    # loaded from disk like a real model, so that with FSDP's cpu_ram_efficient_loading only the first process
+    # holds the weights until accelerate prepares the model
+    model_dir = os.path.join(args.output, "initial-model")
+    state = PartialState()
+    if state.is_main_process and not os.path.exists(os.path.join(model_dir, "config.json")):
+        torch.manual_seed(0)
+        config = Qwen2Config(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                             num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
+        Qwen2ForCausalLM(config).save_pretrained(model_dir)
+    state.wait_for_everyone()
+    model = Qwen2ForCausalLM.from_pretrained(model_dir)
+    garbage = (args.fsdp2_cpu and cfg.fsdp_config.get("cpu_ram_efficient_loading") and not state.is_main_process)
+    if garbage:
+        # with cpu_ram_efficient_loading only the first process's weights count: accelerate broadcasts them when it
+        # prepares the model (at train start), and the other processes may hold uninitialised memory until then.
+        # NaN here makes a reference copied before that moment visible in the checks.
+        with torch.no_grad():
+            for param in model.parameters():
+                param.fill_(float("nan"))
+    peft_config = None
+    if args.peft:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": f"what is {i} + {i} ?"}]} for i in range(64)])
+    return PACSTrainer(model=model, reward_funcs=every_third, args=cfg, train_dataset=ds, processing_class=tok,
+                       peft_config=peft_config), bool(garbage)
+
+
+def sharded(module: torch.nn.Module | None) -> bool:
+    """Whether the module's parameters are FSDP2 shards (DTensors) or ZeRO-3 partitions."""
+    from torch.distributed.tensor import DTensor
+
+    params = list(module.parameters()) if module is not None else []
+    return bool(params) and all(isinstance(p, DTensor) or hasattr(p, "ds_id") for p in params)
 
 
 def record_resets(trainer: PACSTrainer) -> list[int]:
@@ -77,19 +154,24 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="outputs/bench-sharded-reference")
     parser.add_argument("--zero3", action="store_true", help="DeepSpeed ZeRO-3 through TrainingArguments.deepspeed")
+    parser.add_argument("--fsdp2-cpu", action="store_true",
+                        help="FSDP2 on CPU processes with the recipe's FSDP settings (see above)")
+    parser.add_argument("--peft", action="store_true", help="train a LoRA adapter (the reference: a frozen copy)")
     parser.add_argument("--tol", type=float, default=1e-3, help="|implicit reward| counted as 0")
     args = parser.parse_args()
+    if args.fsdp2_cpu:
+        _allow_fsdp_on_cpu()
     tok = build_tokenizer()
     run_dir = os.path.join(args.output, "run")
     shutil.rmtree(run_dir, ignore_errors=True)
 
-    trainer = build(tok, run_dir, max_steps=4, save=True, zero3=args.zero3)
+    trainer, nan_until_prepared = build(tok, run_dir, max_steps=4, save=True, args=args)
     kind = ("zero3" if trainer.is_deepspeed_enabled else "fsdp2" if trainer.is_fsdp_enabled else "none")
     resets = record_resets(trainer)
     trainer.train()
     logs = step_logs(trainer)
     # checkpoint-3 holds a reference (the policy of step 2) that is neither the initial model nor the policy
-    resumed = build(tok, os.path.join(args.output, "resumed"), max_steps=4, save=False, zero3=args.zero3)
+    resumed, _ = build(tok, os.path.join(args.output, "resumed"), max_steps=4, save=False, args=args)
     resumed_resets = record_resets(resumed)
     resumed.train(resume_from_checkpoint=os.path.join(run_dir, "checkpoint-3"))
     resumed_logs = step_logs(resumed)
@@ -109,18 +191,31 @@ def main() -> int:
         "resume_continues_counter": resumed_resets == [4] and resumed._pacs_ref_version == 2,
         "finite_losses": all(math.isfinite(h["pacs/loss"]) for h in list(logs.values()) + list(resumed_logs.values())),
     }
-    result = {"sharding": kind, "world": trainer.accelerator.num_processes,
+    result = {"sharding": kind, "peft": args.peft, "world": trainer.accelerator.num_processes,
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+              # per process: the weights were NaN until accelerate's preparation (so the reference copy had to
+              # wait for it), and the policy's and the reference's parameters are shards
+              "nan_until_prepared": gather_object([nan_until_prepared]),
+              "policy_sharded": gather_object([sharded(trainer.model)]),
+              "reference_sharded": gather_object([sharded(trainer.pacs_ref_model)]),
               "implicit_reward_size": {step: size(h) for step, h in logs.items()},
               "resumed_implicit_reward_size": {step: size(h) for step, h in resumed_logs.items()},
               "ok": ok, "all_ok": all(ok.values())}
     if trainer.accelerator.is_main_process:
         print(json.dumps(result))
         os.makedirs(args.output, exist_ok=True)
-        with open(os.path.join(args.output, f"sharded_reference_{kind}.json"), "w") as f:
+        with open(os.path.join(args.output, f"sharded_reference_{kind}{'_peft' * args.peft}.json"), "w") as f:
             json.dump(result, f, indent=2)
+    trainer.accelerator.wait_for_everyone()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     return 0 if result["all_ok"] else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # the results are written: leave without the interpreter's teardown, where CPU process groups (gloo, and
+    # DeepSpeed's comm when it is installed) sometimes abort ("terminate called without an active exception")
+    os._exit(code)

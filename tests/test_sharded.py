@@ -88,17 +88,31 @@ def test_two_sharded_processes_match_the_unsharded_model(tmp_path, mode):
 
 
 @pytest.mark.slow
-def test_trainer_fixed_reference_under_zero3(tmp_path):
-    """PACSTrainer with pacs_reference='fixed' under DeepSpeed ZeRO-3 (one CPU process): resets, checkpoint and
-    resume, checked on the trainer's implicit-reward metrics by bench/sharded_reference.py (the GPU check runs it
-    with the recipes' accelerate configs)."""
-    if importlib.util.find_spec("deepspeed") is None:
+@pytest.mark.parametrize("peft", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("mode", ["fsdp2", "zero3"])
+def test_trainer_fixed_reference_under_sharding(tmp_path, mode, peft):
+    """PACSTrainer with pacs_reference='fixed' (a model copy, or with LoRA a frozen adapter copy) under FSDP2 (two
+    CPU processes, the FSDP settings of recipes/accelerate/fsdp2.yaml) or DeepSpeed ZeRO-3 (one CPU process, when
+    deepspeed is installed): resets, checkpoint and resume, checked on the trainer's implicit-reward metrics by
+    bench/sharded_reference.py (the GPU check runs it through the recipes' accelerate configs). Under FSDP2 the
+    second process's weights are NaN until accelerate prepares the model, as cpu_ram_efficient_loading allows, so a
+    reference copied too early makes the run fail."""
+    if mode == "zero3" and importlib.util.find_spec("deepspeed") is None:
         pytest.skip("deepspeed is not installed (pip install --no-build-isolation deepspeed)")
     script = Path(__file__).resolve().parents[1] / "bench" / "sharded_reference.py"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--master_port", _free_port(), "--nproc_per_node", "1",
-           str(script), "--zero3", "--output", str(tmp_path)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    world = 2 if mode == "fsdp2" else 1
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--master_port", _free_port(), "--nproc_per_node",
+           str(world), str(script), "--fsdp2-cpu" if mode == "fsdp2" else "--zero3", "--output", str(tmp_path)]
+    if peft:
+        cmd.append("--peft")
     proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    result = json.loads((tmp_path / "sharded_reference_zero3.json").read_text())
-    assert result["sharding"] == "zero3" and result["all_ok"], result
+    result = json.loads((tmp_path / f"sharded_reference_{mode}{'_peft' * peft}.json").read_text())
+    assert result["sharding"] == mode and result["world"] == world and result["peft"] == peft
+    assert result["all_ok"], result
+    assert result["policy_sharded"] == [True] * world
+    # with LoRA the reference is an adapter inside the (sharded) policy, there is no second model
+    assert result["reference_sharded"] == [not peft] * world
+    if mode == "fsdp2":
+        assert result["nan_until_prepared"] == [False, True]
