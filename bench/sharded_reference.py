@@ -9,7 +9,7 @@ configs, including a reset, a checkpoint and a resume.
 
 ``--fsdp2-cpu`` runs FSDP2 on CPU processes (gloo) with the FSDP settings of ``recipes/accelerate/fsdp2.yaml``.
 torch's FSDP2 runs on CPU, but accelerate only enables FSDP on accelerators, so this mode lifts that one check
-(``_allow_fsdp_on_cpu``); everything else (accelerate's FSDP2 preparation, transformers' loading with
+(``tests/fsdp_cpu.py``); everything else (accelerate's FSDP2 preparation, transformers' loading with
 ``cpu_ram_efficient_loading``, which leaves the model on the meta device in every process but the first) is the
 real code path. ``--peft`` trains a LoRA adapter, so the reference is the frozen adapter copy.
 
@@ -36,7 +36,6 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 from accelerate import PartialState
 from accelerate.utils import gather_object
 from datasets import Dataset
@@ -44,6 +43,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from pacsrl import PACSConfig, PACSTrainer
+from fsdp_cpu import allow_fsdp_on_cpu, recipe_fsdp_config
 from tiny import build_tokenizer
 
 
@@ -54,41 +54,6 @@ def every_third(completions, **kwargs):
 
 ZERO3 = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
          "gradient_accumulation_steps": "auto", "bf16": {"enabled": "auto"}}
-
-
-FSDP2_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "accelerate" / "fsdp2.yaml"
-
-
-def recipe_fsdp_config() -> dict:
-    """The recipe's accelerate ``fsdp_config`` in TrainingArguments' spelling."""
-    names = {"fsdp_version": "version", "fsdp_auto_wrap_policy": "auto_wrap_policy",
-             "fsdp_cpu_ram_efficient_loading": "cpu_ram_efficient_loading", "fsdp_offload_params": "cpu_offload",
-             "fsdp_reshard_after_forward": "reshard_after_forward", "fsdp_state_dict_type": "state_dict_type",
-             "fsdp_activation_checkpointing": "activation_checkpointing"}
-    recipe = yaml.safe_load(FSDP2_RECIPE.read_text())["fsdp_config"]
-    unknown = set(recipe) - set(names)
-    if unknown:
-        raise ValueError(f"{FSDP2_RECIPE}: no TrainingArguments spelling for {sorted(unknown)}")
-    return {names[k]: v for k, v in recipe.items()}
-
-
-def _allow_fsdp_on_cpu() -> None:
-    """accelerate enables FSDP only on accelerators (a CPU run with an FSDP plugin falls back to DDP); torch's
-    FSDP2 itself works on CPU with gloo. Keep the plugin on CPU processes, before anything builds the state."""
-    import accelerate.state
-    from accelerate.utils import DistributedType
-
-    init = accelerate.state.AcceleratorState.__init__
-
-    def patched(self, *args, fsdp_plugin=None, **kwargs):
-        init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
-        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
-            self.distributed_type = DistributedType.FSDP
-            self.fsdp_plugin = fsdp_plugin
-            accelerate.state.PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-
-    accelerate.state.AcceleratorState.__init__ = patched
-    os.environ["ACCELERATE_USE_FSDP"] = "true"  # what `accelerate launch` sets; transformers' loading reads it
 
 
 def build(tok, output_dir: str, max_steps: int, save: bool, args) -> tuple[PACSTrainer, bool]:
@@ -160,7 +125,7 @@ def main() -> int:
     parser.add_argument("--tol", type=float, default=1e-3, help="|implicit reward| counted as 0")
     args = parser.parse_args()
     if args.fsdp2_cpu:
-        _allow_fsdp_on_cpu()
+        allow_fsdp_on_cpu()
     tok = build_tokenizer()
     run_dir = os.path.join(args.output, "run")
     shutil.rmtree(run_dir, ignore_errors=True)

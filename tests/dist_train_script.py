@@ -1,5 +1,6 @@
 """Run by test_distributed.py under torchrun with 2 CPU processes (gloo): trains PACS and records each
-micro-batch's group ids and prompts, per rank, to OUT/rank{R}.json."""
+micro-batch's group ids and prompts, per rank, to OUT/rank{R}.json. With FSDP2=1 the model is sharded with FSDP2
+(the settings of recipes/accelerate/fsdp2.yaml), otherwise replicated with DDP."""
 
 import json
 import os
@@ -9,6 +10,7 @@ import torch
 from datasets import Dataset
 
 sys.path.insert(0, os.path.dirname(__file__))
+from fsdp_cpu import allow_fsdp_on_cpu, full, recipe_fsdp_config  # noqa: E402
 from tiny import build_model, build_tokenizer  # noqa: E402
 
 from pacsrl import PACSConfig, PACSTrainer  # noqa: E402
@@ -22,12 +24,16 @@ def every_third(completions, **kwargs):
 
 
 def main(out_dir: str) -> None:
+    fsdp = os.environ.get("FSDP2") == "1"
+    if fsdp:
+        allow_fsdp_on_cpu()
     tok = build_tokenizer()
     model = build_model(tok, seed=0)
     ds = Dataset.from_list([{"prompt": [{"role": "user", "content": f"{i}+{i}="}]} for i in range(32)])
     args = PACSConfig(output_dir=os.path.join(out_dir, "run"), per_device_train_batch_size=4, num_generations=4,
                       max_completion_length=6, max_steps=3, steps_per_generation=2, report_to=[], use_cpu=True,
-                      logging_steps=1, save_strategy="no", learning_rate=1e-2, disable_tqdm=True)
+                      logging_steps=1, save_strategy="no", learning_rate=1e-2, disable_tqdm=True,
+                      fsdp=fsdp, fsdp_config=recipe_fsdp_config() if fsdp else None)
     trainer = PACSTrainer(model=model, reward_funcs=every_third, args=args, train_dataset=ds, processing_class=tok)
     seen = []
     original = trainer._compute_loss
@@ -40,13 +46,14 @@ def main(out_dir: str) -> None:
     trainer._compute_loss = record
     before = [p.detach().clone() for p in trainer.model.parameters()]
     trainer.train()
-    changed = any(not torch.equal(a, b.detach()) for a, b in zip(before, trainer.model.parameters()))
+    after = [full(p).detach() for p in trainer.model.parameters()]  # whole parameters, gathered under FSDP2
+    changed = any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
     rank = trainer.accelerator.process_index
     logs = [h for h in trainer.state.log_history if "pacs/loss" in h]
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        params = torch.cat([p.detach().flatten() for p in trainer.model.parameters()]).tolist()
-        json.dump({"world": trainer.accelerator.num_processes, "seen": seen, "changed": changed, "logs": logs,
-                   "params": params}, f)
+        params = torch.cat([p.flatten() for p in after]).tolist()
+        json.dump({"world": trainer.accelerator.num_processes, "fsdp": trainer.is_fsdp_enabled, "seen": seen,
+                   "changed": changed, "logs": logs, "params": params}, f)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Two CPU processes (torchrun + gloo) train PACS with whole groups on each process."""
+"""Two CPU processes (torchrun + gloo) train PACS with whole groups on each process, with DDP and with FSDP2."""
 
 import json
 import os
@@ -7,23 +7,26 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_sharded import _free_port
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp2"])
 @pytest.mark.parametrize("skip_rank0", ["0", "1"])
-def test_two_processes_keep_groups_whole_and_train(tmp_path, skip_rank0):
+def test_two_processes_keep_groups_whole_and_train(tmp_path, skip_rank0, sharding):
     # skip_rank0="1": every group of process 0 has equal labels, so on-policy it skips them all and must still
-    # join the gradient all-reduce (with a zero-weighted backward) or process 1 would hang
+    # join the collectives (DDP's gradient all-reduce; FSDP2's all-gathers in the forward and reduce-scatters in the
+    # backward) with a zero-weighted forward/backward, or process 1 would hang
     script = Path(__file__).with_name("dist_train_script.py")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(script.parent),
-           "SKIP_RANK0": skip_rank0}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29517 + int(skip_rank0)),
+           "SKIP_RANK0": skip_rank0, "FSDP2": str(int(sharding == "fsdp2"))}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _free_port(),
            str(script), str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for data in ranks:
-        assert data["world"] == 2
+        assert data["world"] == 2 and data["fsdp"] == (sharding == "fsdp2")
         assert data["changed"], "parameters did not change on this process"
         assert len(data["seen"]) == 3
         for batch in data["seen"]:
