@@ -169,13 +169,11 @@ class PACSTrainer(GRPOTrainer):
             for name, param in policy.named_parameters():
                 if f".{_REF_ADAPTER}." in name:
                     param.requires_grad_(False)
-            self._copy_adapter(active, _REF_ADAPTER)
+            self._init_reference()
             return
         # a second model of the same architecture (partitioned at construction under ZeRO-3, as TRL's own
         # reference), with the policy's dtypes, sharded like TRL's reference model, then given the policy's weights.
-        # Under FSDP2 it is built on the meta device and materialised shard by shard, and its weights are copied
-        # when training (or evaluation) starts: with fsdp_cpu_ram_efficient_loading, the processes other than the
-        # first hold the policy on the meta device until accelerate has prepared it.
+        # Under FSDP2 it is built on the meta device and materialised shard by shard.
         fsdp_meta = (self.is_fsdp_enabled and not _fsdp_offloads(self.accelerator)
                      and not getattr(self.accelerator.state.fsdp_plugin, "ignored_modules", None))
         with no_init_weights(), torch.device("meta") if fsdp_meta else contextlib.nullcontext():
@@ -193,16 +191,28 @@ class PACSTrainer(GRPOTrainer):
                 self.pacs_ref_model.to_empty(device=self.accelerator.device)  # shards, filled at train start
         else:
             self.pacs_ref_model = self.accelerator.prepare_model(ref, evaluation_mode=True)
+        self._init_reference()
+
+    def _init_reference(self) -> None:
+        """pi_ref <- pi_theta now, or under FSDP when training (or evaluation) starts: accelerate prepares the policy
+        then, and with fsdp_cpu_ram_efficient_loading only the first process holds its weights before (the others
+        may hold uninitialised memory or the meta device), which accelerate broadcasts as it shards them."""
         if self.is_fsdp_enabled:  # the same decision on every process: the copy is a collective
             self._pacs_ref_pending = True
         else:
-            copy_module(policy, self._ref_module())
+            self._copy_policy_to_reference()
 
     def _init_pending_reference(self) -> None:
         """Give the reference the policy's weights if that was deferred and no checkpoint provided them."""
         if self._pacs_ref_pending:
-            copy_module(self._policy_module(), self._ref_module())
+            self._copy_policy_to_reference()
             self._pacs_ref_pending = False
+
+    def _copy_policy_to_reference(self) -> None:
+        if self._pacs_ref_adapter is not None:
+            self._copy_adapter(self._policy_module().active_adapter, self._pacs_ref_adapter)
+        else:
+            copy_module(self._policy_module(), self._ref_module())
 
     def _policy_module(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
@@ -234,10 +244,7 @@ class PACSTrainer(GRPOTrainer):
 
     def _reset_reference(self) -> None:
         """Hard reset: pi_ref <- pi_theta, and the optimizer's moments and step counts cleared (paper v2)."""
-        if self._pacs_ref_adapter is not None:
-            self._copy_adapter(self._policy_module().active_adapter, self._pacs_ref_adapter)
-        else:
-            copy_module(self._policy_module(), self._ref_module())
+        self._copy_policy_to_reference()
         optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps the torch optimizer
         optimizer.state.clear()
         self._pacs_ref_version += 1
