@@ -69,6 +69,12 @@ def build(tok, output_dir: str, max_steps: int, save: bool, args) -> tuple[PACST
     # holds the weights until accelerate prepares the model
     model_dir = os.path.join(args.output, "initial-model")
     state = PartialState()
+    if args.zero3 and not gpu:
+        import deepspeed
+
+        # on CPU accelerate sets up torch.distributed (gloo) but not DeepSpeed's comm, whose world size would
+        # then read 1; on GPUs accelerate does it
+        deepspeed.init_distributed(dist_backend="gloo")
     if state.is_main_process and not os.path.exists(os.path.join(model_dir, "config.json")):
         torch.manual_seed(0)
         config = Qwen2Config(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=4,

@@ -1,6 +1,6 @@
 """Run by test_distributed.py under torchrun with 2 CPU processes (gloo): trains PACS and records each
-micro-batch's group ids and prompts, per rank, to OUT/rank{R}.json. With FSDP2=1 the model is sharded with FSDP2
-(the settings of recipes/accelerate/fsdp2.yaml), otherwise replicated with DDP."""
+micro-batch's group ids and prompts, per rank, to OUT/rank{R}.json. SHARDING=fsdp2 shards the model with FSDP2 (the
+settings of recipes/accelerate/fsdp2.yaml), SHARDING=zero3 with DeepSpeed ZeRO-3; otherwise DDP replicates it."""
 
 import json
 import os
@@ -16,6 +16,10 @@ from tiny import build_model, build_tokenizer  # noqa: E402
 from pacsrl import PACSConfig, PACSTrainer  # noqa: E402
 
 
+ZERO3 = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+         "gradient_accumulation_steps": "auto"}
+
+
 def every_third(completions, **kwargs):
     """Mixed groups on every process; with SKIP_RANK0=1, rank 0's groups are all-correct (all skipped on-policy)."""
     if os.environ.get("SKIP_RANK0") == "1" and os.environ.get("RANK") == "0":
@@ -23,8 +27,20 @@ def every_third(completions, **kwargs):
     return [float(i % 3 == 0) for i in range(len(completions))]
 
 
+def whole_parameters(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Every parameter whole, gathered from its ZeRO-3 partitions or FSDP2 shards (a collective then)."""
+    params = list(model.parameters())
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params):
+            return [p.detach().clone() for p in params]
+    return [full(p).detach() for p in params]
+
+
 def main(out_dir: str) -> None:
-    fsdp = os.environ.get("FSDP2") == "1"
+    sharding = os.environ.get("SHARDING", "ddp")
+    fsdp = sharding == "fsdp2"
     if fsdp:
         allow_fsdp_on_cpu()
     tok = build_tokenizer()
@@ -33,7 +49,12 @@ def main(out_dir: str) -> None:
     args = PACSConfig(output_dir=os.path.join(out_dir, "run"), per_device_train_batch_size=4, num_generations=4,
                       max_completion_length=6, max_steps=3, steps_per_generation=2, report_to=[], use_cpu=True,
                       logging_steps=1, save_strategy="no", learning_rate=1e-2, disable_tqdm=True,
-                      fsdp=fsdp, fsdp_config=recipe_fsdp_config() if fsdp else None)
+                      fsdp=fsdp, fsdp_config=recipe_fsdp_config() if fsdp else None,
+                      deepspeed=ZERO3 if sharding == "zero3" else None)
+    if sharding == "zero3":
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")  # on CPU accelerate does not set up DeepSpeed's comm
     trainer = PACSTrainer(model=model, reward_funcs=every_third, args=args, train_dataset=ds, processing_class=tok)
     seen = []
     original = trainer._compute_loss
@@ -46,13 +67,14 @@ def main(out_dir: str) -> None:
     trainer._compute_loss = record
     before = [p.detach().clone() for p in trainer.model.parameters()]
     trainer.train()
-    after = [full(p).detach() for p in trainer.model.parameters()]  # whole parameters, gathered under FSDP2
+    after = whole_parameters(trainer.model)
     changed = any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
     rank = trainer.accelerator.process_index
     logs = [h for h in trainer.state.log_history if "pacs/loss" in h]
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         params = torch.cat([p.flatten() for p in after]).tolist()
-        json.dump({"world": trainer.accelerator.num_processes, "fsdp": trainer.is_fsdp_enabled, "seen": seen,
+        sharded_as = "fsdp2" if trainer.is_fsdp_enabled else "zero3" if trainer.is_deepspeed_enabled else "ddp"
+        json.dump({"world": trainer.accelerator.num_processes, "sharding": sharded_as, "seen": seen,
                    "changed": changed, "logs": logs, "params": params}, f)
 
 

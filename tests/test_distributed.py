@@ -1,5 +1,7 @@
-"""Two CPU processes (torchrun + gloo) train PACS with whole groups on each process, with DDP and with FSDP2."""
+"""Two CPU processes (torchrun + gloo) train PACS with whole groups on each process, with DDP, FSDP2 and (when
+deepspeed is installed) DeepSpeed ZeRO-3."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -11,22 +13,24 @@ from test_sharded import _free_port
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sharding", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp2", "zero3"])
 @pytest.mark.parametrize("skip_rank0", ["0", "1"])
 def test_two_processes_keep_groups_whole_and_train(tmp_path, skip_rank0, sharding):
     # skip_rank0="1": every group of process 0 has equal labels, so on-policy it skips them all and must still
     # join the collectives (DDP's gradient all-reduce; FSDP2's all-gathers in the forward and reduce-scatters in the
-    # backward) with a zero-weighted forward/backward, or process 1 would hang
+    # backward; ZeRO-3's parameter all-gathers) with a zero-weighted forward/backward, or process 1 would hang
+    if sharding == "zero3" and importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed (pip install --no-build-isolation deepspeed)")
     script = Path(__file__).with_name("dist_train_script.py")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(script.parent),
-           "SKIP_RANK0": skip_rank0, "FSDP2": str(int(sharding == "fsdp2"))}
+           "SKIP_RANK0": skip_rank0, "SHARDING": sharding}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _free_port(),
            str(script), str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for data in ranks:
-        assert data["world"] == 2 and data["fsdp"] == (sharding == "fsdp2")
+        assert data["world"] == 2 and data["sharding"] == sharding
         assert data["changed"], "parameters did not change on this process"
         assert len(data["seen"]) == 3
         for batch in data["seen"]:

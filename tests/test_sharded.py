@@ -91,9 +91,9 @@ def test_two_sharded_processes_match_the_unsharded_model(tmp_path, mode):
 @pytest.mark.parametrize("peft", [False, True], ids=["full", "lora"])
 @pytest.mark.parametrize("mode", ["fsdp2", "zero3"])
 def test_trainer_fixed_reference_under_sharding(tmp_path, mode, peft):
-    """PACSTrainer with pacs_reference='fixed' (a model copy, or with LoRA a frozen adapter copy) under FSDP2 (two
-    CPU processes, the FSDP settings of recipes/accelerate/fsdp2.yaml) or DeepSpeed ZeRO-3 (one CPU process, when
-    deepspeed is installed): resets, checkpoint and resume, checked on the trainer's implicit-reward metrics by
+    """PACSTrainer with pacs_reference='fixed' (a model copy, or with LoRA a frozen adapter copy) on two CPU
+    processes under FSDP2 (the FSDP settings of recipes/accelerate/fsdp2.yaml) or DeepSpeed ZeRO-3 (when deepspeed
+    is installed): resets, checkpoint and resume, checked on the trainer's implicit-reward metrics by
     bench/sharded_reference.py (the GPU check runs it through the recipes' accelerate configs). Under FSDP2 the
     second process's weights are NaN until accelerate prepares the model, as cpu_ram_efficient_loading allows, so a
     reference copied too early makes the run fail."""
@@ -101,7 +101,7 @@ def test_trainer_fixed_reference_under_sharding(tmp_path, mode, peft):
         pytest.skip("deepspeed is not installed (pip install --no-build-isolation deepspeed)")
     script = Path(__file__).resolve().parents[1] / "bench" / "sharded_reference.py"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    world = 2 if mode == "fsdp2" else 1
+    world = 2
     cmd = [sys.executable, "-m", "torch.distributed.run", "--master_port", _free_port(), "--nproc_per_node",
            str(world), str(script), "--fsdp2-cpu" if mode == "fsdp2" else "--zero3", "--output", str(tmp_path)]
     if peft:
