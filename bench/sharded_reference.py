@@ -10,8 +10,9 @@ configs, including a reset, a checkpoint and a resume.
 ``--fsdp2-cpu`` runs FSDP2 on CPU processes (gloo) with the FSDP settings of ``recipes/accelerate/fsdp2.yaml``.
 torch's FSDP2 runs on CPU, but accelerate only enables FSDP on accelerators, so this mode lifts that one check
 (``tests/fsdp_cpu.py``); everything else (accelerate's FSDP2 preparation, transformers' loading with
-``cpu_ram_efficient_loading``, which leaves the model on the meta device in every process but the first) is the
-real code path. ``--peft`` trains a LoRA adapter, so the reference is the frozen adapter copy.
+``cpu_ram_efficient_loading``, after which only the first process's weights count: accelerate broadcasts them
+when it prepares the model, and the other processes may hold uninitialised or meta tensors before) is the real
+code path. This mode sets the other processes' weights to NaN until then, the worst case that contract allows. ``--peft`` trains a LoRA adapter, so the reference is the frozen adapter copy.
 
 What it checks, from the trainer's own ``pacs/implicit_reward/*`` metrics (the on-policy fast path is off, so
 every step runs the reference's forward; no extra forward is added to the training loop):
@@ -53,7 +54,7 @@ def every_third(completions, **kwargs):
 
 
 ZERO3 = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
-         "gradient_accumulation_steps": "auto", "bf16": {"enabled": "auto"}}
+         "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "bf16": {"enabled": "auto"}}
 
 
 def build(tok, output_dir: str, max_steps: int, save: bool, args) -> tuple[PACSTrainer, bool]:
@@ -65,8 +66,7 @@ def build(tok, output_dir: str, max_steps: int, save: bool, args) -> tuple[PACST
                      bf16=gpu, use_cpu=not gpu, disable_tqdm=True, seed=0, pacs_reference="fixed",
                      pacs_ref_reset_steps=2, pacs_on_policy_fast_path=False, deepspeed=ZERO3 if args.zero3 else None,
                      fsdp=bool(args.fsdp2_cpu), fsdp_config=recipe_fsdp_config() if args.fsdp2_cpu else None)
-    # loaded from disk like a real model, so that with FSDP's cpu_ram_efficient_loading only the first process
-    # holds the weights until accelerate prepares the model
+    # saved and loaded from disk like a real model, through transformers' loading (its FSDP / ZeRO-3 paths)
     model_dir = os.path.join(args.output, "initial-model")
     state = PartialState()
     if args.zero3 and not gpu:
@@ -75,7 +75,7 @@ def build(tok, output_dir: str, max_steps: int, save: bool, args) -> tuple[PACST
         # on CPU accelerate sets up torch.distributed (gloo) but not DeepSpeed's comm, whose world size would
         # then read 1; on GPUs accelerate does it
         deepspeed.init_distributed(dist_backend="gloo")
-    if state.is_main_process and not os.path.exists(os.path.join(model_dir, "config.json")):
+    if state.is_main_process and not os.path.exists(os.path.join(model_dir, "config.json")):  # new each run
         torch.manual_seed(0)
         config = Qwen2Config(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=4,
                              num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512,
@@ -134,7 +134,9 @@ def main() -> int:
         allow_fsdp_on_cpu()
     tok = build_tokenizer()
     run_dir = os.path.join(args.output, "run")
-    shutil.rmtree(run_dir, ignore_errors=True)
+    if int(os.environ.get("RANK", "0")) == 0:  # the others wait in build() before they read the initial model
+        shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.rmtree(os.path.join(args.output, "initial-model"), ignore_errors=True)
 
     trainer, nan_until_prepared = build(tok, run_dir, max_steps=4, save=True, args=args)
     kind = ("zero3" if trainer.is_deepspeed_enabled else "fsdp2" if trainer.is_fsdp_enabled else "none")

@@ -17,7 +17,7 @@ from pacsrl import PACSConfig, PACSTrainer  # noqa: E402
 
 
 ZERO3 = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
-         "gradient_accumulation_steps": "auto"}
+         "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}
 
 
 def every_third(completions, **kwargs):
@@ -25,6 +25,21 @@ def every_third(completions, **kwargs):
     if os.environ.get("SKIP_RANK0") == "1" and os.environ.get("RANK") == "0":
         return [1.0] * len(completions)
     return [float(i % 3 == 0) for i in range(len(completions))]
+
+
+def local_fraction(model: torch.nn.Module) -> float:
+    """The fraction of the parameters' elements this process holds: 1 when replicated, about 1/2 when sharded."""
+    from torch.distributed.tensor import DTensor
+
+    held = total = 0
+    for p in model.parameters():
+        if hasattr(p, "ds_id"):  # ZeRO-3 partition
+            held, total = held + p.ds_tensor.numel(), total + p.ds_numel
+        elif isinstance(p, DTensor):  # FSDP2 shard
+            held, total = held + p.to_local().numel(), total + p.numel()
+        else:
+            held, total = held + p.numel(), total + p.numel()
+    return held / total
 
 
 def whole_parameters(model: torch.nn.Module) -> list[torch.Tensor]:
@@ -49,6 +64,9 @@ def main(out_dir: str) -> None:
     args = PACSConfig(output_dir=os.path.join(out_dir, "run"), per_device_train_batch_size=4, num_generations=4,
                       max_completion_length=6, max_steps=3, steps_per_generation=2, report_to=[], use_cpu=True,
                       logging_steps=1, save_strategy="no", learning_rate=1e-2, disable_tqdm=True,
+                      # fp32, so that the sharded runs can be compared with DDP to float precision (TRL's default
+                      # bf16 autocasts under DDP and FSDP2, while ZeRO-3 then stores the weights in bf16)
+                      bf16=False,
                       fsdp=fsdp, fsdp_config=recipe_fsdp_config() if fsdp else None,
                       deepspeed=ZERO3 if sharding == "zero3" else None)
     if sharding == "zero3":
@@ -67,6 +85,7 @@ def main(out_dir: str) -> None:
     trainer._compute_loss = record
     before = [p.detach().clone() for p in trainer.model.parameters()]
     trainer.train()
+    fraction = local_fraction(trainer.model)
     after = whole_parameters(trainer.model)
     changed = any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
     rank = trainer.accelerator.process_index
@@ -74,8 +93,8 @@ def main(out_dir: str) -> None:
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         params = torch.cat([p.flatten() for p in after]).tolist()
         sharded_as = "fsdp2" if trainer.is_fsdp_enabled else "zero3" if trainer.is_deepspeed_enabled else "ddp"
-        json.dump({"world": trainer.accelerator.num_processes, "sharding": sharded_as, "seen": seen,
-                   "changed": changed, "logs": logs, "params": params}, f)
+        json.dump({"world": trainer.accelerator.num_processes, "sharding": sharded_as, "local_fraction": fraction,
+                   "seen": seen, "changed": changed, "logs": logs, "params": params}, f)
 
 
 if __name__ == "__main__":

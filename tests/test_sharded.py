@@ -1,7 +1,7 @@
 """pacsrl.sharded: copies, saves and loads of the fixed reference whatever the sharding.
 
 Two CPU processes (torchrun + gloo) shard a tiny model with FSDP2 (always) and DeepSpeed ZeRO-3 (when deepspeed
-is installed; it is not part of the test install) and compare with the unsharded model; the single-process
+is installed, as the README's test command does) and compare with the unsharded model; the single-process
 checks use plain modules."""
 
 import importlib.util
@@ -96,7 +96,8 @@ def test_trainer_fixed_reference_under_sharding(tmp_path, mode, peft):
     is installed): resets, checkpoint and resume, checked on the trainer's implicit-reward metrics by
     bench/sharded_reference.py (the GPU check runs it through the recipes' accelerate configs). Under FSDP2 the
     second process's weights are NaN until accelerate prepares the model, as cpu_ram_efficient_loading allows, so a
-    reference copied too early makes the run fail."""
+    full-model reference copied too early makes the run fail (with LoRA, accelerate's broadcast of the first
+    process's state also repairs an early adapter copy)."""
     if mode == "zero3" and importlib.util.find_spec("deepspeed") is None:
         pytest.skip("deepspeed is not installed (pip install --no-build-isolation deepspeed)")
     script = Path(__file__).resolve().parents[1] / "bench" / "sharded_reference.py"

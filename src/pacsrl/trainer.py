@@ -169,7 +169,7 @@ class PACSTrainer(GRPOTrainer):
             for name, param in policy.named_parameters():
                 if f".{_REF_ADAPTER}." in name:
                     param.requires_grad_(False)
-            self._init_reference()
+            self._init_reference()  # deferred under FSDP too: the adapters may not hold their weights yet
             return
         # a second model of the same architecture (partitioned at construction under ZeRO-3, as TRL's own
         # reference), with the policy's dtypes, sharded like TRL's reference model, then given the policy's weights.
