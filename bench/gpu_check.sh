@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The GPU checks of the trainer, in one run (176 s on one H200 at commit 48196aa, machine start not counted), from the
+# The GPU checks of the trainer, in one run (176 s on one H200 at commit 48196aa, before the LoRA runs were added;
+# machine start not counted), from the
 # repository root:
 #   bash bench/gpu_check.sh [RESULTS_DIR]
 # 1. bench/step_time.py: PACS vs TRL's GRPO, step time and peak memory, random-init Qwen2.5-0.5B shape, bf16;
-# 2. bench/sharded_reference.py under the recipes' DeepSpeed ZeRO-3 and FSDP2 accelerate configs (one process):
-#    the fixed reference's resets, checkpoint and resume.
-# Needs trl, datasets, math-verify, deepspeed importable (a folder .whl/ of wheels is installed first if present,
+# 2. bench/sharded_reference.py under the recipes' DeepSpeed ZeRO-3 and FSDP2 accelerate configs (one process),
+#    full fine-tuning and LoRA: the fixed reference's resets, checkpoint and resume.
+# Needs trl, datasets, math-verify, deepspeed, peft importable (a folder .whl/ of wheels is installed first if present,
 # for machines without network). STEP_ARGS="--tiny --steps 2" makes the step-time part a CPU dry run; the
 # accelerate launches need a GPU. Results (logs and JSON) go to RESULTS_DIR (default outputs/gpu-check).
 set -u
@@ -31,10 +32,13 @@ cp "$WORK/step/step_time.json" "$RESULTS/" 2>/dev/null
 grep -A4 "^device:" "$RESULTS/step_time.log" || tail -20 "$RESULTS/step_time.log"
 
 for kind in zero3 fsdp2; do
-  echo "== fixed reference under $kind"
-  timeout 120 accelerate launch --config_file "recipes/accelerate/$kind.yaml" --num_processes 1 \
-    bench/sharded_reference.py --output "$WORK/$kind" > "$RESULTS/$kind.log" 2>&1 || status=1
-  cp "$WORK/$kind/sharded_reference_$kind.json" "$RESULTS/" 2>/dev/null
-  grep '^{"sharding"' "$RESULTS/$kind.log" || tail -30 "$RESULTS/$kind.log"
+  for peft in "" --peft; do
+    name=$kind${peft:+_peft}
+    echo "== fixed reference under $kind ${peft:+(LoRA)}"
+    timeout 120 accelerate launch --config_file "recipes/accelerate/$kind.yaml" --num_processes 1 \
+      bench/sharded_reference.py --output "$WORK/$name" $peft > "$RESULTS/$name.log" 2>&1 || status=1
+    cp "$WORK/$name/sharded_reference_$name.json" "$RESULTS/" 2>/dev/null
+    grep '^{"sharding"' "$RESULTS/$name.log" || tail -30 "$RESULTS/$name.log"
+  done
 done
 exit $status
