@@ -43,8 +43,8 @@ from datasets import Dataset
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from pacsrl import PACSConfig, PACSTrainer
 from fsdp_cpu import allow_fsdp_on_cpu, recipe_fsdp_config
+from pacsrl import PACSConfig, PACSTrainer
 from tiny import build_tokenizer
 
 

@@ -10,11 +10,9 @@ import torch
 from datasets import Dataset
 
 sys.path.insert(0, os.path.dirname(__file__))
-from fsdp_cpu import allow_fsdp_on_cpu, full, recipe_fsdp_config  # noqa: E402
-from tiny import build_model, build_tokenizer  # noqa: E402
-
-from pacsrl import PACSConfig, PACSTrainer  # noqa: E402
-
+from fsdp_cpu import allow_fsdp_on_cpu, full, recipe_fsdp_config
+from pacsrl import PACSConfig, PACSTrainer
+from tiny import build_model, build_tokenizer
 
 ZERO3 = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
          "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}

@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 import yaml
 
-
 FSDP2_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "accelerate" / "fsdp2.yaml"
 
 

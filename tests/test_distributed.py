@@ -3,14 +3,15 @@ deepspeed is installed) DeepSpeed ZeRO-3."""
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from test_sharded import _free_port
 
+from test_sharded import _free_port
 
 _RUNS: dict[tuple[str, str], list[dict]] = {}
 
@@ -23,7 +24,7 @@ def _train(sharding: str, skip_rank0: str, out: Path) -> list[dict]:
                "SKIP_RANK0": skip_rank0, "SHARDING": sharding}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                _free_port(), str(script), str(out)]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-4000:]
         _RUNS[sharding, skip_rank0] = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     return _RUNS[sharding, skip_rank0]
@@ -52,7 +53,7 @@ def test_two_processes_keep_groups_whole_and_train(tmp_path_factory, skip_rank0,
             for g in range(0, len(ids), 4):
                 assert len(set(ids[g:g + 4])) == 1  # one group id per block of 4 rows
                 assert all(p == prompts[g] for p in prompts[g:g + 4])  # ... and one prompt
-        assert all(all(v == v for v in h.values() if isinstance(v, float)) for h in data["logs"])  # no NaN
+        assert all(not math.isnan(v) for h in data["logs"] for v in h.values() if isinstance(v, float))
     # different prompts on the two processes
     for step in range(3):
         p0 = {tuple(p) for p in ranks[0]["seen"][step]["prompts"]}
