@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from pacsrl.train_cli import parse_train_args
+from test_sharded import _free_port
 from tiny import save_tiny
 
 
@@ -99,6 +100,23 @@ def test_train_smoke_subprocess(workdir, algorithm):
         assert "pacs/loss" in proc.stdout + proc.stderr
     else:
         assert "pacs/loss" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_train_under_torchrun_with_two_processes(workdir):
+    """`torchrun --nproc_per_node 2 -m pacsrl train ...` on CPU (gloo); on GPUs `accelerate launch` does the same
+    (on CPU `accelerate launch --cpu` starts a single process, whatever --num_processes says)."""
+    path = write_recipe(workdir, "launched", max_steps=2)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PACSRL_LOG_LEVEL": "INFO", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _free_port(),
+           "-m", "pacsrl", "train", "--config", str(path)]
+    proc = subprocess.run(cmd, check=False, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "2 process(es), MULTI_CPU, on cpu" in out
+    assert out.count("saved the trained model") == 1  # by the main process only
+    assert "pacs/loss" in out
+    assert (workdir / "launched" / "model.safetensors").exists()
 
 
 RECIPES = sorted((__import__("pathlib").Path(__file__).parents[1] / "recipes").glob("*.yaml"))

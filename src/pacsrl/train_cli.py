@@ -179,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
         eval_dataset=eval_ds,
         peft_config=get_peft_config(model_args),
     )
+    if trainer.accelerator.is_main_process:
+        accelerator = trainer.accelerator
+        logger.info("%d process(es), %s, on %s", accelerator.num_processes,
+                    str(accelerator.distributed_type).split(".")[-1], accelerator.device.type)
     resume = config.resume_from_checkpoint
     if resume in ("true", "True", "last"):
         from transformers.trainer_utils import get_last_checkpoint
