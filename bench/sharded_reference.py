@@ -21,7 +21,9 @@ every step runs the reference's forward; no extra forward is added to the traini
 2. one optimizer step after a reset (steps 2 and 4) they differ (the reference is a copy, not the policy);
 3. a run resumed from the checkpoint saved at step 3 (its reference is the policy of step 2, neither the initial
    model nor the policy of step 3) replays step 4 with the same implicit rewards as the first run, and continues
-   the reset counter.
+   the reset counter;
+4. evaluation after every step (``eval_pacs/implicit_reward/*``, the reference's forward in eval mode): after
+   steps 1 and 3 the policy has moved away from the reference, after the resets at steps 2 and 4 it has not.
 Prints one JSON line (the checks under "ok") and writes it to
 --output/sharded_reference_{none,zero3,fsdp2}[_peft].json.
 """
@@ -63,6 +65,7 @@ def build(tok, output_dir: str, max_steps: int, save: bool, args) -> tuple[PACST
     cfg = PACSConfig(output_dir=output_dir, per_device_train_batch_size=8, num_generations=4,
                      max_completion_length=16, max_steps=max_steps, steps_per_generation=1, report_to=[],
                      logging_steps=1, save_strategy="steps" if save else "no", save_steps=3, learning_rate=1e-3,
+                     eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=8,
                      bf16=gpu, use_cpu=not gpu, disable_tqdm=True, seed=0, pacs_reference="fixed",
                      pacs_ref_reset_steps=2, pacs_on_policy_fast_path=False, deepspeed=ZERO3 if args.zero3 else None,
                      fsdp=bool(args.fsdp2_cpu), fsdp_config=recipe_fsdp_config() if args.fsdp2_cpu else None)
@@ -96,8 +99,9 @@ def build(tok, output_dir: str, max_steps: int, save: bool, args) -> tuple[PACST
         from peft import LoraConfig
 
         peft_config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": f"what is {i} + {i} ?"}]} for i in range(64)])
-    return PACSTrainer(model=model, reward_funcs=every_third, args=cfg, train_dataset=ds, processing_class=tok,
+    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": f"what is {i} + {i} ?"}]} for i in range(72)])
+    return PACSTrainer(model=model, reward_funcs=every_third, args=cfg, train_dataset=ds.select(range(64)),
+                       eval_dataset=ds.select(range(64, 72)), processing_class=tok,
                        peft_config=peft_config), bool(garbage)
 
 
@@ -117,8 +121,9 @@ def record_resets(trainer: PACSTrainer) -> list[int]:
     return steps
 
 
-def step_logs(trainer: PACSTrainer) -> dict[int, dict]:
-    return {h["step"]: h for h in trainer.state.log_history if "pacs/implicit_reward/std" in h}
+def step_logs(trainer: PACSTrainer, prefix: str = "") -> dict[int, dict]:
+    """The training (or, with prefix "eval_", evaluation) logs by optimizer step."""
+    return {h["step"]: h for h in trainer.state.log_history if f"{prefix}pacs/implicit_reward/std" in h}
 
 
 def main() -> int:
@@ -142,15 +147,15 @@ def main() -> int:
     kind = ("zero3" if trainer.is_deepspeed_enabled else "fsdp2" if trainer.is_fsdp_enabled else "none")
     resets = record_resets(trainer)
     trainer.train()
-    logs = step_logs(trainer)
+    logs, eval_logs = step_logs(trainer), step_logs(trainer, "eval_")
     # checkpoint-3 holds a reference (the policy of step 2) that is neither the initial model nor the policy
     resumed, _ = build(tok, os.path.join(args.output, "resumed"), max_steps=4, save=False, args=args)
     resumed_resets = record_resets(resumed)
     resumed.train(resume_from_checkpoint=os.path.join(run_dir, "checkpoint-3"))
     resumed_logs = step_logs(resumed)
 
-    def size(h: dict) -> float:  # how far the implicit rewards beta * sum_t log(pi_theta / pi_ref) are from 0
-        return abs(h["pacs/implicit_reward/mean"]) + h["pacs/implicit_reward/std"]
+    def size(h: dict, prefix: str = "") -> float:  # how far beta * sum_t log(pi_theta / pi_ref) is from 0
+        return abs(h[f"{prefix}pacs/implicit_reward/mean"]) + h[f"{prefix}pacs/implicit_reward/std"]
 
     ok = {
         "resets_at_2_and_4": resets == [2, 4] and trainer._pacs_ref_version == 2,
@@ -162,6 +167,8 @@ def main() -> int:
         <= args.tol * max(1.0, size(logs[4])) and size(resumed_logs[4]) > args.tol,
         # the counter saved at step 3 (1 reset) continues: the step-4 reset is the second
         "resume_continues_counter": resumed_resets == [4] and resumed._pacs_ref_version == 2,
+        "eval_ref_differs_before_reset": all(size(eval_logs[k], "eval_") > args.tol for k in (1, 3)),
+        "eval_ref_equals_policy_after_reset": all(size(eval_logs[k], "eval_") <= args.tol for k in (2, 4)),
         "finite_losses": all(math.isfinite(h["pacs/loss"]) for h in list(logs.values()) + list(resumed_logs.values())),
     }
     result = {"sharding": kind, "peft": args.peft, "world": trainer.accelerator.num_processes,
@@ -173,6 +180,7 @@ def main() -> int:
               "reference_sharded": gather_object([sharded(trainer.pacs_ref_model)]),
               "implicit_reward_size": {step: size(h) for step, h in logs.items()},
               "resumed_implicit_reward_size": {step: size(h) for step, h in resumed_logs.items()},
+              "eval_implicit_reward_size": {step: size(h, "eval_") for step, h in eval_logs.items()},
               "ok": ok, "all_ok": all(ok.values())}
     if trainer.accelerator.is_main_process:
         print(json.dumps(result))

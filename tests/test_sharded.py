@@ -93,7 +93,7 @@ def test_two_sharded_processes_match_the_unsharded_model(tmp_path, mode):
 def test_trainer_fixed_reference_under_sharding(tmp_path, mode, peft):
     """PACSTrainer with pacs_reference='fixed' (a model copy, or with LoRA a frozen adapter copy) on two CPU
     processes under FSDP2 (the FSDP settings of recipes/accelerate/fsdp2.yaml) or DeepSpeed ZeRO-3 (when deepspeed
-    is installed): resets, checkpoint and resume, checked on the trainer's implicit-reward metrics by
+    is installed): resets, checkpoint, resume and evaluation between steps, checked on the trainer's implicit-reward metrics by
     bench/sharded_reference.py (the GPU check runs it through the recipes' accelerate configs). Under FSDP2 the
     second process's weights are NaN until accelerate prepares the model, as cpu_ram_efficient_loading allows, so a
     full-model reference copied too early makes the run fail (with LoRA, accelerate's broadcast of the first
