@@ -9,7 +9,7 @@ configs, including a reset, a checkpoint and a resume.
 
 ``--fsdp2-cpu`` runs FSDP2 on CPU processes (gloo) with the FSDP settings of ``recipes/accelerate/fsdp2.yaml``.
 torch's FSDP2 runs on CPU, but accelerate only enables FSDP on accelerators, so this mode lifts that one check
-(``tests/fsdp_cpu.py``); everything else (accelerate's FSDP2 preparation, transformers' loading with
+(``tests/cpu_sharding.py``); everything else (accelerate's FSDP2 preparation, transformers' loading with
 ``cpu_ram_efficient_loading``, after which only the first process's weights count: accelerate broadcasts them
 when it prepares the model, and the other processes may hold uninitialised or meta tensors before) is the real
 code path. This mode sets the other processes' weights to NaN until then, the worst case that contract allows. ``--peft`` trains a LoRA adapter, so the reference is the frozen adapter copy.
@@ -45,7 +45,13 @@ from datasets import Dataset
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from fsdp_cpu import allow_fsdp_on_cpu, recipe_fsdp_config
+from cpu_sharding import (
+    ZERO3_TRAINER,
+    allow_fsdp_on_cpu,
+    exit_without_teardown,
+    init_deepspeed_comm_on_cpu,
+    recipe_fsdp_config,
+)
 from pacsrl import PACSConfig, PACSTrainer
 from tiny import build_tokenizer
 
@@ -53,10 +59,6 @@ from tiny import build_tokenizer
 def every_third(completions, **kwargs):
     """Mixed groups on every batch, so every step has a gradient."""
     return [float(i % 3 == 0) for i in range(len(completions))]
-
-
-ZERO3 = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
-         "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "bf16": {"enabled": "auto"}}
 
 
 def build(tok, output_dir: str, max_steps: int, save: bool, args) -> tuple[PACSTrainer, bool]:
@@ -67,17 +69,13 @@ def build(tok, output_dir: str, max_steps: int, save: bool, args) -> tuple[PACST
                      logging_steps=1, save_strategy="steps" if save else "no", save_steps=3, learning_rate=1e-3,
                      eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=8,
                      bf16=gpu, use_cpu=not gpu, disable_tqdm=True, seed=0, pacs_reference="fixed",
-                     pacs_ref_reset_steps=2, pacs_on_policy_fast_path=False, deepspeed=ZERO3 if args.zero3 else None,
+                     pacs_ref_reset_steps=2, pacs_on_policy_fast_path=False, deepspeed=ZERO3_TRAINER if args.zero3 else None,
                      fsdp=bool(args.fsdp2_cpu), fsdp_config=recipe_fsdp_config() if args.fsdp2_cpu else None)
     # saved and loaded from disk like a real model, through transformers' loading (its FSDP / ZeRO-3 paths)
     model_dir = os.path.join(args.output, "initial-model")
     state = PartialState()
     if args.zero3 and not gpu:
-        import deepspeed
-
-        # on CPU accelerate sets up torch.distributed (gloo) but not DeepSpeed's comm, whose world size would
-        # then read 1; on GPUs accelerate does it
-        deepspeed.init_distributed(dist_backend="gloo")
+        init_deepspeed_comm_on_cpu()  # on GPUs accelerate does it
     if state.is_main_process and not os.path.exists(os.path.join(model_dir, "config.json")):  # new each run
         torch.manual_seed(0)
         config = Qwen2Config(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=4,
@@ -194,9 +192,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # the results are written: leave without the interpreter's teardown, where CPU process groups (gloo, and
-    # DeepSpeed's comm when it is installed) sometimes abort ("terminate called without an active exception")
-    os._exit(code)
+    exit_without_teardown(main())

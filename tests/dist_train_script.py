@@ -10,12 +10,16 @@ import torch
 from datasets import Dataset
 
 sys.path.insert(0, os.path.dirname(__file__))
-from fsdp_cpu import allow_fsdp_on_cpu, full, recipe_fsdp_config
+from cpu_sharding import (
+    ZERO3_TRAINER,
+    allow_fsdp_on_cpu,
+    exit_without_teardown,
+    full,
+    init_deepspeed_comm_on_cpu,
+    recipe_fsdp_config,
+)
 from pacsrl import PACSConfig, PACSTrainer
 from tiny import build_model, build_tokenizer
-
-ZERO3 = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
-         "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}
 
 
 def every_third(completions, **kwargs):
@@ -66,11 +70,9 @@ def main(out_dir: str) -> None:
                       # bf16 autocasts under DDP and FSDP2, while ZeRO-3 then stores the weights in bf16)
                       bf16=False,
                       fsdp=fsdp, fsdp_config=recipe_fsdp_config() if fsdp else None,
-                      deepspeed=ZERO3 if sharding == "zero3" else None)
+                      deepspeed=ZERO3_TRAINER if sharding == "zero3" else None)
     if sharding == "zero3":
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="gloo")  # on CPU accelerate does not set up DeepSpeed's comm
+        init_deepspeed_comm_on_cpu()
     trainer = PACSTrainer(model=model, reward_funcs=every_third, args=args, train_dataset=ds, processing_class=tok)
     seen = []
     original = trainer._compute_loss
@@ -99,8 +101,4 @@ if __name__ == "__main__":
     main(sys.argv[1])
     if torch.distributed.is_initialized():
         torch.distributed.barrier()  # every process has written its results
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # leave without the interpreter's teardown, where CPU process groups (gloo, DeepSpeed's comm) sometimes abort
-    # ("terminate called without an active exception")
-    os._exit(0)
+    exit_without_teardown(0)

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
+from cpu_sharding import exit_without_teardown, init_deepspeed_comm_on_cpu
 from pacsrl.sharded import (
     copy_buffers,
     copy_module,
@@ -25,10 +26,9 @@ ZERO3 = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
 
 def main(mode: str, out_dir: str) -> None:
     if mode == "zero3":
-        import deepspeed
         from transformers.integrations import HfDeepSpeedConfig
 
-        deepspeed.init_distributed(dist_backend="gloo")
+        init_deepspeed_comm_on_cpu()
         hf_ds_config = HfDeepSpeedConfig(ZERO3)  # noqa: F841 (kept alive: it turns on transformers' zero.Init)
     else:
         dist.init_process_group("gloo")
@@ -116,10 +116,7 @@ def main(mode: str, out_dir: str) -> None:
         json.dump(checks, f)
     dist.barrier()
     if mode == "zero3":
-        # on CPU, DeepSpeed's communication threads sometimes abort the interpreter's teardown ("terminate called
-        # without an active exception") after everything above has run: leave without it
-        sys.stdout.flush()
-        os._exit(0)
+        exit_without_teardown(0)
     dist.destroy_process_group()
 
 

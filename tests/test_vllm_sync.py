@@ -12,11 +12,8 @@ import torch
 from datasets import Dataset
 
 from pacsrl import PACSConfig, PACSTrainer
+from test_trainer import every_third
 from tiny import build_model, build_tokenizer
-
-
-def every_third(completions, **kwargs):
-    return [float(i % 3 == 0) for i in range(len(completions))]
 
 
 def test_vllm_weight_sync_sends_the_trained_adapter_merged_and_not_the_reference(tmp_path):

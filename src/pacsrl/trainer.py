@@ -195,8 +195,8 @@ class PACSTrainer(GRPOTrainer):
 
     def _init_reference(self) -> None:
         """pi_ref <- pi_theta now, or under FSDP when training (or evaluation) starts: accelerate prepares the policy
-        then, and with fsdp_cpu_ram_efficient_loading only the first process holds its weights before (the others
-        may hold uninitialised memory or the meta device), which accelerate broadcasts as it shards them."""
+        then, and with fsdp_cpu_ram_efficient_loading only the first process's weights count before: accelerate
+        broadcasts them as it shards the policy, and the others may hold uninitialised or meta tensors until then."""
         if self.is_fsdp_enabled:  # the same decision on every process: the copy is a collective
             self._pacs_ref_pending = True
         else:

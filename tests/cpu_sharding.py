@@ -1,14 +1,20 @@
-"""FSDP2 on CPU processes (torchrun + gloo) for tests and benchmarks, with the FSDP settings of the recipe.
+"""FSDP2 and DeepSpeed ZeRO-3 on CPU processes (torchrun + gloo), for tests and benchmarks.
 
 torch's FSDP2 runs on CPU, but accelerate enables FSDP only on accelerators: a CPU run given an FSDP plugin falls back
-to DDP. ``allow_fsdp_on_cpu`` lifts that one check; accelerate's FSDP2 preparation, transformers' FSDP handling and
-the trainers' code are the real ones."""
+to DDP. ``allow_fsdp_on_cpu`` lifts that one check, with the FSDP settings of the recipe; accelerate's FSDP2
+preparation, transformers' FSDP handling and the trainers' code are the real ones. For ZeRO-3, accelerate sets up
+torch.distributed on CPU but not DeepSpeed's comm (``init_deepspeed_comm_on_cpu``)."""
 
 import os
+import sys
 from pathlib import Path
 
 import torch
 import yaml
+
+# a trainer's DeepSpeed ZeRO-3 config; transformers fills in the "auto" values from the TrainingArguments
+ZERO3_TRAINER = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+                 "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "bf16": {"enabled": "auto"}}
 
 FSDP2_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "accelerate" / "fsdp2.yaml"
 
@@ -52,3 +58,18 @@ def full(param: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     return param.full_tensor() if isinstance(param, DTensor) else param
+
+
+def init_deepspeed_comm_on_cpu() -> None:
+    """DeepSpeed's comm over gloo: on CPU accelerate does not set it up, and DeepSpeed would count a world of 1."""
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+
+
+def exit_without_teardown(code: int) -> None:
+    """Leave once the results are written, skipping the interpreter's teardown, where CPU process groups (gloo, and
+    DeepSpeed's comm when it is installed) sometimes abort ("terminate called without an active exception")."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
