@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import zlib
 
 import pytest
 import torch
@@ -185,7 +186,8 @@ def test_group_outcomes():
 def test_matches_loop_reference_values_and_gradients(baseline, weight_mode, reward_form):
     G, B, T = 4, 3, 5
     N = G * B
-    logps, ref, mask = random_batch(N, T, seed=hash((baseline, weight_mode, reward_form)) % 1000)
+    # a fixed seed per case (str hash() differs from process to process: failures would not reproduce)
+    logps, ref, mask = random_batch(N, T, seed=zlib.crc32(f"{baseline}/{weight_mode}/{reward_form}".encode()) % 1000)
     # group 0 mixed, group 1 all correct, group 2 all wrong
     labels = torch.tensor([1, 0, 0, 1] + [1] * 4 + [0] * 4)
     beta = 0.7
@@ -273,7 +275,7 @@ def test_on_policy_gradient_identity(baseline, weight_mode):
 def test_on_policy_advantage_rloo_matches_paper_formula_by_loops():
     labels = [1, 0, 0, 0, 1, 1, 0, 1, 1, 1, 1, 1, 0, 0, 0, 0]
     G = 4
-    w = class_weights(torch.tensor(labels), G).tolist()
+    w = loop_weights(labels, G, "question")  # Eq. 4 by counting, not the library's class_weights
     expected = loop_advantage_rloo(labels, G, w)
     got = on_policy_advantage(torch.tensor(labels), G).double()
     assert torch.allclose(got, expected, atol=1e-7)
@@ -398,3 +400,50 @@ def test_numpy_integer_group_size_is_accepted():
     np = pytest.importorskip("numpy")
     logps, ref, mask, labels = _ok()
     assert torch.equal(pacs_loss(logps, ref, mask, labels, np.int64(2)), pacs_loss(logps, ref, mask, labels, 2))
+
+
+# --------------------------------------------------------------------------------------------------
+# low-precision input: the token sum is done in fp32
+# --------------------------------------------------------------------------------------------------
+def bf16_batch():
+    """Eight completions of 4096 tokens whose bf16 log-probs under pi_theta and pi_ref differ by about 2 per token
+    (as after many updates away from a fixed reference): log-ratio sums of about +-100."""
+    g = torch.Generator().manual_seed(7)
+    N, T = 8, 4096
+    ref = -(torch.rand(N, T, generator=g) * 5).to(torch.bfloat16)  # (N, T)
+    logps = -(torch.rand(N, T, generator=g) * 5).to(torch.bfloat16)  # (N, T)
+    return logps, ref, torch.ones(N, T)
+
+
+def test_bf16_log_probs_are_summed_in_fp32():
+    logps, ref, mask = bf16_batch()
+    exact = (logps.double() - ref.double()).sum(dim=1)  # (N,) the same bf16 values, summed in fp64
+    got = implicit_reward(logps, ref, mask)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got.double(), exact, rtol=0, atol=1e-3)
+    naive = (logps - ref).sum(dim=1)  # differences and sum in bf16: off by up to 0.27 here, 100x our error
+    assert (naive.double() - exact).abs().max() > 0.1
+
+    labels = torch.tensor([1, 0, 0, 1, 0, 1, 1, 1])
+    lp = logps.clone().requires_grad_(True)
+    loss = pacs_loss(lp, ref, mask, labels, 4, beta=0.02)  # psi of a few units: the BCE is not saturated
+    loss.backward()
+    lp64 = logps.double().requires_grad_(True)
+    expected = reference_loss(lp64, ref.double(), mask, labels, 4, 0.02, "rloo", "question", "sum")
+    expected.backward()
+    assert loss.dtype == torch.float32 and lp.grad.dtype == torch.bfloat16
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert torch.allclose(lp.grad.double(), lp64.grad, rtol=1e-2, atol=1e-6)  # the gradient rounded to bf16
+
+
+def test_bf16_on_policy_loss_is_computed_in_fp32():
+    logps, _, mask = bf16_batch()
+    labels = torch.tensor([1, 0, 0, 0, 1, 1, 0, 1])  # class weights 2 and 2/3: not exact in bf16
+    lp = logps.clone().requires_grad_(True)
+    loss = pacs_on_policy_loss(lp, mask, labels, 4, beta=0.5)
+    loss.backward()
+    w = loop_weights(labels.tolist(), 4, "question")
+    assert loss.item() == pytest.approx(sum(w) * math.log(2) / 8, rel=1e-6)
+    A = loop_advantage(labels.tolist(), 4, w, "rloo")
+    expected_grad = -(0.5 / 8) * A[:, None] * mask  # (N, T)
+    assert torch.allclose(lp.grad.double(), expected_grad, rtol=1e-2, atol=0)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from datasets import Dataset
 
+import pacsrl.config as config_mod
 import pacsrl.trainer as trainer_mod
 from pacsrl import PACSConfig, PACSTrainer
 from pacsrl.objective import pacs_loss
@@ -99,8 +100,11 @@ def test_three_steps_train_and_keep_groups_whole(tmp_path, monkeypatch):
     after = list(trainer.model.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, after)), "training did not change the parameters"
     assert len(calls) == 3  # one check per micro-batch, all passed
-    for ids in calls:
-        assert (ids.view(-1, 4) == ids.view(-1, 4)[:, :1]).all()
+    # the rollout's 4 groups are cut into 2 micro-batches of 2 whole groups, each group in exactly one of them; the
+    # second iteration (num_iterations=2) reuses the first buffered micro-batch
+    first, second = (set(ids.view(-1, 4)[:, 0].tolist()) for ids in calls[:2])
+    assert len(first) == len(second) == 2 and not first & second
+    assert torch.equal(calls[2], calls[0])
     logs = [h for h in trainer.state.log_history if "pacs/loss" in h]
     assert len(logs) == 3
     for h in logs:
@@ -147,7 +151,9 @@ def _grads(trainer, inputs):
 @pytest.mark.slow
 @pytest.mark.parametrize("baseline", ["rloo", "grpo"])
 def test_fast_path_gradients_equal_full_loss(tmp_path, baseline):
-    trainer = make_trainer(tmp_path, max_steps=1, learning_rate=0.0, pacs_baseline=baseline, reward=every_third)
+    # pacs_beta != 1: a fast path that ignored pacs_beta would give other gradients
+    trainer = make_trainer(tmp_path, max_steps=1, learning_rate=0.0, pacs_baseline=baseline, reward=every_third,
+                           pacs_beta=0.5)
     trainer.train()  # lr 0: the policy is unchanged, so the buffered batch is on-policy again
     trainer.state.global_step = trainer._pacs_old_step
     inputs = trainer._buffered_inputs[0]
@@ -175,7 +181,7 @@ def first_group_mixed(completions, **kwargs):
 @pytest.mark.parametrize("baseline", ["rloo", "mean"])
 def test_fast_path_with_some_groups_skipped_equals_full_loss(tmp_path, baseline):
     trainer = make_trainer(tmp_path, max_steps=1, learning_rate=0.0, pacs_baseline=baseline,
-                           reward=first_group_mixed)
+                           reward=first_group_mixed, pacs_beta=2.0)
     trainer.train()
     trainer.state.global_step = trainer._pacs_old_step
     inputs = trainer._buffered_inputs[0]
@@ -194,6 +200,30 @@ def test_fast_path_with_some_groups_skipped_equals_full_loss(tmp_path, baseline)
     assert scale > 0
     for a, b in zip(fast, full):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6 * scale)
+
+
+@pytest.mark.slow
+def test_mean_logp_loss_and_gradients_match_an_independent_computation(tmp_path):
+    """The reference-free form is never 'on-policy' (its psi is not 0 when pi_theta == pi_old): the trainer must use
+    the full mean_logp loss there, not the fast path's, and pass reward_form on to the loss."""
+    trainer = make_trainer(tmp_path, max_steps=1, learning_rate=0.0, reward=every_third, pacs_reward_form="mean_logp",
+                           pacs_beta=0.5)
+    trainer.train()  # lr 0: the buffered batch is what pi_theta generated, as on the first update of a rollout
+    trainer.state.global_step = trainer._pacs_old_step
+    inputs = trainer._buffered_inputs[0]
+    trainer.model.train()
+    loss, grads = _grads(trainer, inputs)
+    trainer.model.zero_grad()
+    logps = _manual_logps(trainer.model, inputs, trainer.temperature)
+    expected = pacs_loss(logps, None, inputs["completion_mask"], inputs["pacs_labels"], 4, beta=0.5,
+                         reward_form="mean_logp")
+    expected.backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    scale = max(p.grad.abs().max().item() for p in trainer.model.parameters())
+    assert scale > 0
+    # TRL's fused LM head and the plain logits differ in their gradient by up to 0.3% of its scale on this model
+    for p, g in zip(trainer.model.parameters(), grads):
+        assert torch.allclose(g, p.grad, rtol=1e-2, atol=1e-2 * scale)
 
 
 @pytest.mark.slow
@@ -310,6 +340,24 @@ def test_config_rejections(overrides, match):
 def test_config_accepts_defaults():
     cfg = PACSConfig(**BASE)
     assert cfg.pacs_beta == 1.0 and cfg.pacs_baseline == "rloo" and cfg.loss_type == "pacs" and cfg.beta == 0.0
+
+
+def test_config_checks_grpo_options_after_trl_normalises_them():
+    # GRPOConfig turns scale_rewards=True into "group" (PACS's value) and False into "none"
+    assert PACSConfig(**BASE, scale_rewards=True).scale_rewards == "group"
+    with pytest.raises(ValueError, match=r"scale_rewards=False \(which TRL reads as 'none'\).*set scale_rewards='group'"):
+        PACSConfig(**BASE, scale_rewards=False)
+
+
+@pytest.mark.parametrize("name", sorted(config_mod._GRPO_ONLY))
+def test_each_grpo_only_rejection_names_the_option_and_the_fix(name):
+    expected = config_mod._GRPO_ONLY[name][0]
+    wrong = {bool: lambda v: not v, float: lambda v: v + 0.5, str: lambda v: v + "x"}.get(type(expected), lambda v: 0.5)
+    with pytest.raises(ValueError) as info:
+        PACSConfig(**BASE, **{name: wrong(expected)})
+    message = str(info.value)
+    assert message.startswith(f"{name}=") and f"set {name}={expected!r}" in message, message
+    assert "\n" not in message  # one line, no traceback-like dump
 
 
 def test_trainer_rejects_grpo_config(tmp_path):

@@ -166,7 +166,20 @@ class PACSConfig(GRPOConfig):
     def __post_init__(self):
         self._check_pacs_fields()
         self._check_whole_groups()  # before GRPOConfig's own, less specific, divisibility checks
+        given = {name: getattr(self, name) for name in _GRPO_ONLY}  # as the user wrote them
         super().__post_init__()
+        self._check_grpo_options(given)  # after TRL's normalisation: scale_rewards=True is "group" there
+
+    def _check_grpo_options(self, given: dict[str, Any]) -> None:
+        """Each GRPO-only option must hold PACS's value once GRPOConfig has normalised it."""
+        for name, (expected, why) in _GRPO_ONLY.items():
+            value = getattr(self, name)
+            if value != expected:
+                read_as = "" if given[name] == value else f" (which TRL reads as {value!r})"
+                raise ValueError(
+                    f"{name}={given[name]!r}{read_as} is a GRPO option that PACS does not use ({why}); set "
+                    f"{name}={expected!r} or leave it out of the PACS config."
+                )
 
     def _check_pacs_fields(self) -> None:
         if self.loss_type != "pacs":
@@ -175,13 +188,6 @@ class PACSConfig(GRPOConfig):
                 "and choose the variant with pacs_baseline / pacs_weight_mode / pacs_reward_form. To train GRPO, "
                 "use TRL's GRPOTrainer (`pacsrl train --algorithm grpo`)."
             )
-        for name, (expected, why) in _GRPO_ONLY.items():
-            value = getattr(self, name)
-            if value != expected:
-                raise ValueError(
-                    f"{name}={value!r} is a GRPO option that PACS does not use ({why}); set {name}={expected!r} "
-                    f"or leave it out of the PACS config."
-                )
         choices = {  # the objective's modes, one source of truth
             "pacs_baseline": get_args(Baseline),
             "pacs_weight_mode": get_args(WeightMode),

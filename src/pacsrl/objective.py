@@ -121,6 +121,9 @@ def implicit_reward(
     Padding positions are excluded with ``torch.where`` rather than multiplied by 0, so that values
     there (even ``-inf`` or NaN) can never leak into the reward or its gradient. The reference code
     sums the log-ratio without a mask (PAPER.md, pitfalls); this does not.
+
+    The sum is computed in fp32 (fp64 stays fp64) whatever the dtype of the inputs: bf16 or fp16 log-probs are
+    cast first, and the reward is returned in fp32.
     """
     _check_mode("reward_form", reward_form, RewardForm)
     if logps.dim() != 2:
@@ -130,8 +133,13 @@ def implicit_reward(
         raise ValueError(f"ref_logps shape {tuple(ref_logps.shape)} differs from logps shape {tuple(logps.shape)}")
     if not math.isfinite(beta):
         raise ValueError(f"beta must be finite, got {beta}")
+    # a sum over thousands of tokens: accumulate in fp32 at least, whatever the input (in bf16 both the per-token
+    # differences and the rounding of a sum near -5000, to a multiple of 32, would swamp the signal)
+    acc = torch.promote_types(logps.dtype, torch.float32)
+    logps = logps.to(acc)  # (N, T)
+    ref_logps = None if ref_logps is None else ref_logps.to(acc)  # (N, T)
     keep = mask.bool()  # (N, T)
-    zero = torch.zeros((), dtype=logps.dtype, device=logps.device)
+    zero = torch.zeros((), dtype=acc, device=logps.device)
     if reward_form == "sum":
         if ref_logps is None:
             raise ValueError('reward_form="sum" needs ref_logps (the log-probs of pi_old or pi_ref)')
@@ -239,7 +247,9 @@ def pacs_loss(
 
     The BCE sees psi as the logit of "this completion is correct": sigma(psi) is the implicit critic's
     estimate. It is computed with ``binary_cross_entropy_with_logits`` (log-sum-exp), so extreme psi
-    (log-probs of -1e4, long sequences) give finite values.
+    (log-probs of -1e4, long sequences) give finite values. Whatever the dtype of ``logps`` (bf16 too),
+    the token sum and the loss are computed in fp32 (see ``implicit_reward``); the gradient comes back in
+    the dtype of ``logps``.
     """
     n = logps.shape[0] if logps.dim() == 2 else -1
     if logps.dim() != 2:
@@ -334,6 +344,7 @@ def pacs_on_policy_loss(
     if denom < n or denom <= 0:
         raise ValueError(f"num_rows={num_rows} must be >= the number of rows given ({n})")
     _check_labels(labels, n)
+    logps = logps.to(torch.promote_types(logps.dtype, torch.float32))  # (N', T) summed in fp32, as implicit_reward
     y = labels.to(logps.dtype)  # (N',)
     adv = on_policy_advantage(y, group_size, baseline=baseline, weight_mode=weight_mode)  # (N',)
     w = class_weights(y, group_size, weight_mode)  # (N',)
