@@ -3,13 +3,13 @@
 Everything of ``GRPOConfig`` that PACS shares (generation, vLLM, batching, logging, checkpoints) keeps
 its meaning. GRPO's own loss options are rejected when set to anything but PACS's value, because the
 PACS trainer does not use them and silently ignoring them would change the experiment the user thinks
-they are running:
+they are running. They are checked after ``GRPOConfig.__post_init__`` has normalised them:
 
 | GRPO option | PACS value | why |
 |---|---|---|
 | ``loss_type`` | ``"pacs"`` | the loss is PACS's weighted BCE, not a clipped surrogate |
 | ``beta`` (KL coefficient) | ``0.0`` | the paper uses no KL penalty; the implicit reward's scale is ``pacs_beta`` |
-| ``scale_rewards`` | ``"group"`` (TRL's default, unused) | GRPO advantages are not used; PACS's centring is ``pacs_baseline`` |
+| ``scale_rewards`` | ``"group"`` (TRL's default; ``True`` is read as ``"group"``; unused) | GRPO advantages are not used; PACS's centring is ``pacs_baseline`` |
 | ``importance_sampling_level`` | ``"token"`` (unused) | PACS has no importance ratio: ``pi_old`` enters through the implicit reward |
 | ``epsilon``, ``epsilon_high``, ``delta`` | TRL's defaults (unused) | no ratio clipping in PACS |
 | ``top_entropy_quantile`` | ``1.0`` | PACS sums the log-ratio over every completion token |
