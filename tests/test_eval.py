@@ -254,6 +254,22 @@ def independent_metrics(rollouts: Path | list[dict], ks: list[int]) -> dict:
     }
 
 
+def table_values(table: str) -> dict[tuple[str, str], list[float]]:
+    """The numbers of a Markdown table, by (benchmark, model): problems, n, then each pass@k in percent."""
+    rows = [line.strip("|").split("|") for line in table.splitlines() if line.startswith("| ")][1:]
+    return {(cells[0].strip(), cells[1].strip()): [float(c) for c in cells[2:]] for cells in rows}
+
+
+def assert_table_matches(table: str, model: str, expected: dict, sizes: dict[str, tuple[int, int]]) -> None:
+    """Each row of ``model`` holds its benchmark's problems, n and pass@k (percent, 2 decimals) as computed
+    independently (``expected`` from ``independent_metrics``); ``sizes`` maps a benchmark to (problems, n)."""
+    values = {bench: row for (bench, name), row in table_values(table).items() if name == model}
+    assert sorted(values) == sorted(expected)
+    for bench, by_k in expected.items():
+        want = [*sizes[bench], *(100 * by_k[k] for k in sorted(by_k))]
+        assert values[bench] == pytest.approx(want, abs=0.0051), bench
+
+
 # --------------------------------------------------------------------------------------------------
 # Sampling
 
@@ -346,7 +362,7 @@ def _config(model_dir, out, **overrides) -> EvalConfig:
 def test_run_eval_end_to_end_writes_all_files(tiny_model_dir, dataset_file, tmp_path):
     out = tmp_path / "run"
     config = _config(tiny_model_dir, out, datasets=[str(dataset_file)], n=6, k=[1, 2, 3, 6])
-    result = run_eval(config, reward_fn=parity_reward, progress=False)
+    run_eval(config, reward_fn=parity_reward, progress=False)
     for name in ("rollouts.jsonl", "metrics.json", "metrics.md", "pass_at_k.png", "settings.json"):
         assert (out / name).is_file(), name
     lines = (out / "rollouts.jsonl").read_text().splitlines()
@@ -368,7 +384,8 @@ def test_run_eval_end_to_end_writes_all_files(tiny_model_dir, dataset_file, tmp_
             assert got[f"pass@{k}"] == pytest.approx(value, abs=1e-12), (group, k)
     assert metrics["sources"]["alpha"]["num_problems"] == 3 and metrics["all"]["n"] == 6
     assert (out / "pass_at_k.png").read_bytes()[:8] == PNG_SIGNATURE
-    assert (out / "metrics.md").read_text() == result.table
+    sizes = {"alpha": (3, 6), "beta": (2, 6), "all": (5, 6)}
+    assert_table_matches((out / "metrics.md").read_text(), str(tiny_model_dir), expected, sizes)
     settings = json.loads((out / "settings.json").read_text())
     assert settings["n"] == 6 and settings["temperature"] == 0.6 and settings["backend_used"] == "hf"
 
@@ -526,16 +543,21 @@ def test_compare_plot_has_one_line_per_model(tiny_model, tmp_path):
         dirs.append(tmp_path / name)
         config = _config("tiny", dirs[-1], name=name, temperature=temperature)
         run_eval(config, dataset=PROBLEMS, sampler=sampler, reward_fn=parity_reward, progress=False)
-    table, fig, results = compare_runs(dirs, output=tmp_path / "cmp")
+    table, fig, _ = compare_runs(dirs, output=tmp_path / "cmp")
     visible = [ax for ax in fig.axes if ax.get_visible()]
     assert [ax.get_title() for ax in visible] == ["alpha", "beta"]
     for ax in visible:
         assert len(ax.get_lines()) == 3
         assert [tuple(line.get_xdata()) for line in ax.get_lines()] == [(1, 2, 4)] * 3
     assert (tmp_path / "cmp" / "comparison.png").read_bytes()[:8] == PNG_SIGNATURE
-    for r in results:  # the plotted values are the table's numbers
-        assert f"| alpha | {r.name} | 3 | 4 | {100 * r.metrics['sources']['alpha']['pass@1']:.2f} |" in table
-    assert table.count("| all |") == 3
+    for d, ax_lines in zip(dirs, zip(*(ax.get_lines() for ax in visible), strict=True), strict=True):
+        # the table's rows and the plotted lines hold the pass@k of that run's own rollouts
+        expected = independent_metrics(d / "rollouts.jsonl", [1, 2, 4])
+        assert_table_matches(table, d.name, expected, {"alpha": (3, 4), "beta": (2, 4), "all": (5, 4)})
+        for ax, line in zip(visible, ax_lines, strict=True):
+            assert line.get_label() == d.name
+            want = [100 * expected[ax.get_title()][k] for k in (1, 2, 4)]
+            assert list(line.get_ydata()) == pytest.approx(want, abs=1e-9)
 
 
 def test_compare_only_reads_the_run_folders(tiny_model, tmp_path, caplog, capsys):
@@ -605,7 +627,12 @@ def test_cli_eval_recompute_compare(tiny_model_dir, dataset_file, tmp_path, monk
     assert (
         "| benchmark | model | problems | n | pass@1 | pass@2 | pass@4 |" in printed and str(out) in printed
     )
-    assert printed.split("\n\n")[0] + "\n" == (out / "metrics.md").read_text()
+    # the printed table holds the pass@k of the stored rollouts, under first_char_even's rule
+    rollouts = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
+    for r in rollouts:
+        assert r["scores"] == [float(c != "" and ord(c[0]) % 2 == 0) for c in r["completions"]]
+    sizes = {"alpha": (3, 4), "beta": (2, 4), "all": (5, 4)}
+    assert_table_matches(printed, str(tiny_model_dir), independent_metrics(rollouts, [1, 2, 4]), sizes)
     assert main(argv) == 0  # resumes: nothing left to sample
     capsys.readouterr()
     assert main([*argv, "--temperature", "1.0"]) == 2  # other settings: refused with a message, no traceback

@@ -1,5 +1,6 @@
 import json
 import logging
+import os
 import pickle
 import random
 import time
@@ -19,7 +20,8 @@ from pacsrl.data.gym import (
     make_gym_splits,
     normalize_question,
 )
-from pacsrl.rewards import VerifierStats, reset_verifier_stats, verifier_stats
+from pacsrl.rewards import VerifierStats, reset_verifier_stats, shutdown_workers, verifier_stats
+
 
 @pytest.fixture(autouse=True)
 def _fresh_stats():
@@ -69,6 +71,26 @@ def test_splits_are_disjoint_and_eval_is_stable():
     assert not train_keys & eval_keys
     _, eval_again = make_gym_splits("chain_sum", 10, 40, seed=0, config=SMALL)
     assert eval_again["question"] == eval_["question"]
+
+
+def test_questions_are_compared_without_case_or_spacing():
+    assert normalize_question("  What is\t2 +  2?\n") == "what is 2 + 2?"
+    assert normalize_question("ÉTÉ Straße") == normalize_question("été strasse")  # casefold, not lower
+    assert normalize_question("2 + 2") != normalize_question("2+2")  # spacing collapsed, never removed
+
+
+def test_dedupe_and_exclusion_ignore_case_and_spacing(monkeypatch):
+    questions = ["What is 2 + 2?", "what is  2 + 2?", "WHAT IS 2 +\n2? ", "What is 3 + 3?", "What is 4 + 4?"]
+
+    class Generator:  # a task that repeats a problem with other case and spacing
+        def __getitem__(self, idx):
+            return {"question": questions[idx % len(questions)], "answer": str(idx), "metadata": {}}
+
+    monkeypatch.setattr(gym_module, "_create", lambda task, size, seed, config: Generator())
+    ds = make_gym_dataset("chain_sum", 3, seed=0)
+    assert ds["question"] == ["What is 2 + 2?", "What is 3 + 3?", "What is 4 + 4?"]
+    held_out = make_gym_dataset("chain_sum", 2, seed=0, exclude=["  what IS 3 + 3?"])
+    assert held_out["question"] == ["What is 2 + 2?", "What is 4 + 4?"]
 
 
 def test_too_few_distinct_problems_is_a_clear_error():
@@ -191,10 +213,12 @@ def test_pathological_answers_are_bounded(countdown_row, caplog):
     elapsed = time.monotonic() - start
     assert rewards == [0.0] * (len(completions) - 1) + [1.0]
     assert elapsed < 40, f"pathological answers took {elapsed:.1f} s"
-    stats = verifier_stats()
-    assert stats.timeouts >= 1  # at least the power tower
-    assert metrics["countdown_accuracy/timeout_frac"] == stats.timeouts / len(completions)
-    assert any("timed out" in r.getMessage() for r in caplog.records)
+    # how many timed out depends on the machine's load; each one is logged once, and the logged count,
+    # the counter and the reported fraction must agree
+    logged = sum("timed out" in r.getMessage() for r in caplog.records)
+    assert logged >= 1  # at least the power tower
+    assert verifier_stats().timeouts == logged
+    assert metrics["countdown_accuracy/timeout_frac"] == logged / len(completions)
 
 
 def test_timeout_is_counted_and_the_next_answers_still_scored(countdown_row):
@@ -262,6 +286,39 @@ def test_tasks_without_a_single_gold_answer(task, key):
     reward = make_gym_reward(task)
     assert reward(solutions, **columns) == [1.0] * 3
     assert reward([format_solution("None"), format_solution(""), "<answer>"], **columns) == [0.0] * 3
+
+
+ECHO_SCORER = """
+import json
+import reasoning_gym
+
+def _echo_scorer(answer, entry):
+    # full marks when the answer is the JSON of the very entry this scorer was given
+    return 1.0 if answer == json.dumps(entry, sort_keys=True) else 0.0
+
+reasoning_gym.get_score_answer_fn = lambda task: _echo_scorer
+"""
+
+
+def test_the_scorer_gets_the_entry_rebuilt_from_the_columns(tmp_path, monkeypatch):
+    # reasoning-gym's entries hold None as the gold of tasks without a single gold answer (stored as ""),
+    # the question text and the metadata as a dict; the scorer, patched in the worker, echoes what it got.
+    (tmp_path / "sitecustomize.py").write_text(ECHO_SCORER)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    reward = make_gym_reward("chain_sum", num_workers=7)  # a pool of its own, started with the patch
+    no_gold = {"question": "Colour the graph.", "answer": None, "metadata": {"edges": [[0, 1]]}}
+    gold = {"question": "3 + 4 =", "answer": "7", "metadata": {"expression": "3 + 4"}}
+    completions = [format_solution(json.dumps(e, sort_keys=True)) for e in (no_gold, gold, gold)]
+    columns = {
+        "answer": ["", "7", "8"],
+        "metadata": [json.dumps(e["metadata"]) for e in (no_gold, gold, gold)],
+        "question": [e["question"] for e in (no_gold, gold, gold)],
+    }
+    try:
+        # row 3's gold is 8, not the 7 its answer quotes: the scorer must see 8
+        assert reward(completions, **columns) == [1.0, 1.0, 0.0]
+    finally:
+        shutdown_workers()
 
 
 def test_empty_gold_answer_is_rejected(monkeypatch):

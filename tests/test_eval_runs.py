@@ -1,0 +1,371 @@
+"""Run folders of ``pacsrl eval`` keep their promises: resume, durability, duplicate problems, stored
+settings, and plots that show the right numbers.
+
+No model is loaded: a seeded stand-in sampler draws completions from one random stream per call, as a
+real sampler does, so a test can tell which seed sampled what. Expected numbers are worked by hand (in
+comments) or with exact rationals.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+
+from pacsrl.eval import (
+    EvalConfig,
+    compare_runs,
+    compute_metrics,
+    load_run,
+    plot_pass_at_k,
+    recompute,
+    run_eval,
+)
+from pacsrl.eval.rollouts import append_rollout, write_rollouts
+
+
+class Crash(Exception):
+    """What a killed process looks like to the test: the run stops where it is."""
+
+
+class SeededSampler:
+    """Completions of one call are drawn from ``random.Random(seed)``, prompt after prompt: they depend on
+    the seed and on the position in the call, like a real sampler's. Raises ``Crash`` on call
+    ``crash_at`` (0-based), before sampling anything."""
+
+    def __init__(self, crash_at: int | None = None) -> None:
+        self.crash_at = crash_at
+        self.calls: list[tuple[int | None, list[str]]] = []
+
+    def __call__(self, prompts, n, *, seed=None):
+        if len(self.calls) == self.crash_at:
+            raise Crash
+        self.calls.append((seed, [p[0]["content"] for p in prompts]))
+        rng = random.Random(seed)
+        return [["".join(rng.choice("0123456789") for _ in range(3)) for _ in range(n)] for _ in prompts]
+
+
+def even_first_digit(completions, answer, **kwargs):
+    """Scorer: 1.0 when the completion's first digit is even."""
+    return [float(int(c[-1]["content"][0]) % 2 == 0) for c in completions]
+
+
+def half(completions, answer, **kwargs):
+    """Scorer that gives every sample 0.5 (partial credit)."""
+    return [0.5] * len(completions)
+
+
+def _problem(question: str, source: str) -> dict:
+    return {"prompt": [{"role": "user", "content": question}], "answer": "0", "source": source}
+
+
+PROBLEMS = [
+    _problem("a1", "alpha"),
+    _problem("a2", "alpha"),
+    _problem("a3", "alpha"),
+    _problem("b1", "beta"),
+    _problem("b2", "beta"),
+]
+
+
+def _config(out: Path, **overrides) -> EvalConfig:
+    settings = {"model": "stand-in", "n": 3, "max_new_tokens": 3, "backend": "hf", "output": str(out)}
+    return EvalConfig(**{**settings, **overrides})
+
+
+@pytest.fixture
+def use_sampler(monkeypatch):
+    """Make ``run_eval`` (and so ``pacsrl eval``) load the given stand-in instead of a model."""
+
+    def install(sampler):
+        def load_sampler(model, backend, **kwargs):
+            return sampler, backend
+
+        monkeypatch.setattr("pacsrl.eval.run.load_sampler", load_sampler)
+        return sampler
+
+    return install
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# --------------------------------------------------------------------------------------------------
+# Resume
+
+
+def test_interrupted_and_resumed_cli_run_writes_the_rollouts_of_an_uninterrupted_run(
+    tmp_path, monkeypatch, use_sampler, capsys
+):
+    from pacsrl.cli import main
+
+    data = tmp_path / "problems.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in PROBLEMS))
+    (tmp_path / "scorers.py").write_text(
+        "def even_first_digit(completions, answer, **kwargs):\n"
+        "    return [float(int(c[-1]['content'][0]) % 2 == 0) for c in completions]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def argv(out):
+        return ["eval", "--model", "stand-in", "--datasets", str(data), "--n", "3", "--chunk-size", "2",
+                "--seed", "7", "--backend", "hf", "--reward", "scorers:even_first_digit", "--output", str(out)]  # fmt: skip
+
+    use_sampler(SeededSampler())
+    assert main(argv(tmp_path / "whole")) == 0
+    whole = (tmp_path / "whole" / "rollouts.jsonl").read_bytes()
+
+    # killed after its first chunk (problems 0-1 written), then the same command again
+    crashing = use_sampler(SeededSampler(crash_at=1))
+    with pytest.raises(Crash):
+        main(argv(tmp_path / "resumed"))
+    assert len(_lines(tmp_path / "resumed" / "rollouts.jsonl")) == 2
+    resuming = use_sampler(SeededSampler())
+    assert main(argv(tmp_path / "resumed")) == 0
+    capsys.readouterr()
+    # chunks of 2 from seed 7: problems 0-1 with seed 7, 2-3 with 9, 4 with 11, however the run was cut
+    assert [seed for seed, _ in crashing.calls + resuming.calls] == [7, 9, 11]
+    assert (tmp_path / "resumed" / "rollouts.jsonl").read_bytes() == whole
+    scores = [s for r in _lines(tmp_path / "resumed" / "rollouts.jsonl") for s in r["scores"]]
+    assert 0 < sum(scores) < len(scores)  # the scores are mixed, so equal files say something
+
+
+# Every setting that shapes what is sampled or how it is scored (README, "Resume"), with another value.
+MUST_MATCH = {
+    "model": "other-model",
+    "n": 4,
+    "temperature": 0.7,
+    "top_p": 0.9,
+    "max_new_tokens": 4,
+    "seed": 1,
+    "reward": "scorers:other",
+    "dtype": "float32",
+    "backend": "vllm",  # compared as the backend "auto" resolves to, stored as backend_used
+}
+# Settings that only change speed, which problems are included, or the counting: resuming is fine.
+MAY_DIFFER = {
+    "batch_size": 2,
+    "chunk_size": 1,
+    "limit": 2,
+    "threshold": 0.5,
+    "gpu_memory_utilization": 0.5,
+    "tensor_parallel_size": 2,
+    "name": "renamed",
+    "k": [1, 3],
+}
+
+
+@pytest.mark.parametrize(("key", "value"), sorted(MUST_MATCH.items()))
+def test_resume_refuses_each_setting_that_shapes_the_samples(key, value, tmp_path, use_sampler, monkeypatch):
+    monkeypatch.setattr("pacsrl.eval.run.resolve_backend", lambda backend: backend)  # vllm without vLLM
+    use_sampler(SeededSampler())
+    out = tmp_path / "run"
+    run_eval(_config(out), dataset=PROBLEMS[:2], reward_fn=even_first_digit, progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    stored = "backend_used" if key == "backend" else key
+    with pytest.raises(ValueError, match=rf"cannot resume .*\({stored}: \S+ in the folder, \S+ now\)"):
+        run_eval(_config(out, **{key: value}), dataset=PROBLEMS, reward_fn=even_first_digit, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # refused before writing anything
+
+
+@pytest.mark.parametrize(("key", "value"), sorted(MAY_DIFFER.items()))
+def test_resume_accepts_settings_that_do_not_shape_the_samples(key, value, tmp_path, use_sampler):
+    use_sampler(SeededSampler())
+    out = tmp_path / "run"
+    run_eval(_config(out), dataset=PROBLEMS[:2], reward_fn=even_first_digit, progress=False)
+    first = (out / "rollouts.jsonl").read_bytes()
+    sampler = use_sampler(SeededSampler())
+    result = run_eval(
+        _config(out, **{key: value}), dataset=PROBLEMS, reward_fn=even_first_digit, progress=False
+    )
+    assert (out / "rollouts.jsonl").read_bytes().startswith(first)
+    sampled = [q for _, prompts in sampler.calls for q in prompts]
+    assert sampled == (["b1", "b2"] if key == "limit" else ["a3", "b1", "b2"])  # limit 2: 2 per source
+    assert len(result.records) == (4 if key == "limit" else 5)
+
+
+# --------------------------------------------------------------------------------------------------
+# Durability
+
+
+@pytest.fixture
+def fsyncs(monkeypatch):
+    """Record, for every os.fsync, the file it syncs and that file's bytes at that moment."""
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("needs /proc to name a file descriptor's file")
+    calls: list[tuple[str, bytes]] = []
+    real = os.fsync
+
+    def fsync(fd):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        calls.append((path, Path(path).read_bytes() if os.path.isfile(path) else b""))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return calls
+
+
+def test_each_appended_problem_is_flushed_and_fsynced(tmp_path, fsyncs):
+    path = tmp_path / "rollouts.jsonl"
+    records = [{"id": str(i), "source": "s", "prompt": "p", "answer": "1", "completions": ["x"], "scores": [1.0]}
+               for i in range(3)]  # fmt: skip
+    for i, record in enumerate(records):
+        append_rollout(path, record)
+        # one fsync of this file per problem, after its line was written whole (flushed before the fsync)
+        assert fsyncs[-1] == (str(path), b"".join(json.dumps(r).encode() + b"\n" for r in records[: i + 1]))
+    assert len(fsyncs) == 3
+
+
+def test_run_eval_fsyncs_every_problem_and_rewrites_atomically(tmp_path, use_sampler, fsyncs):
+    use_sampler(SeededSampler())
+    out = tmp_path / "run"
+    run_eval(_config(out, chunk_size=5), dataset=PROBLEMS, reward_fn=even_first_digit, progress=False)
+    rollouts = str(out / "rollouts.jsonl")
+    synced = [content.count(b"\n") for path, content in fsyncs if path == rollouts]
+    assert synced == [1, 2, 3, 4, 5]  # problem by problem, even inside one chunk
+
+    # a rewrite (recompute with a new threshold) syncs the new file before it replaces the old one
+    fsyncs.clear()
+    write_rollouts(out / "rollouts.jsonl", _lines(out / "rollouts.jsonl")[:2])
+    paths = [path for path, _ in fsyncs]
+    assert paths[0] == rollouts + ".tmp" and fsyncs[0][1].count(b"\n") == 2
+    assert paths[1:] == [str(out)]  # then the folder, so that the rename itself is durable
+
+
+# --------------------------------------------------------------------------------------------------
+# Duplicate problems
+
+
+def test_a_dataset_with_a_repeated_problem_evaluates_each_row_and_reads_back(tmp_path, use_sampler):
+    dataset = [*PROBLEMS, PROBLEMS[0], PROBLEMS[0]]  # "a1" three times: three rows, three problems
+    out = tmp_path / "run"
+    crashing = use_sampler(SeededSampler(crash_at=2))
+    with pytest.raises(Crash):
+        run_eval(_config(out, chunk_size=2), dataset=dataset, reward_fn=even_first_digit, progress=False)
+    resuming = use_sampler(SeededSampler())
+    result = run_eval(_config(out, chunk_size=2), dataset=dataset, reward_fn=even_first_digit, progress=False)
+    sampled = [q for _, prompts in crashing.calls + resuming.calls for q in prompts]
+    assert sorted(sampled) == sorted(p["prompt"][0]["content"] for p in dataset)  # each row exactly once
+
+    loaded = load_run(out)
+    ids = [r["id"] for r in loaded.records]
+    assert len(ids) == len(set(ids)) == 7
+    assert [r["prompt"][0]["content"] for r in loaded.records].count("a1") == 3
+    assert loaded.metrics["sources"]["alpha"]["num_problems"] == 5
+    assert loaded.metrics["all"]["num_problems"] == len(result.records) == 7
+    assert compare_runs([out])[2][0].metrics["all"]["num_problems"] == 7
+
+
+# --------------------------------------------------------------------------------------------------
+# Stored settings
+
+
+def test_a_runs_threshold_is_used_when_it_is_read_again(tmp_path, use_sampler):
+    use_sampler(SeededSampler())
+    out = tmp_path / "run"
+    # every sample scores 0.5: correct at threshold 0.5, so pass@1 = 1; at the default 1.0 it would be 0
+    result = run_eval(_config(out, threshold=0.5), dataset=PROBLEMS, reward_fn=half, progress=False)
+    assert result.metrics["all"]["pass@1"] == 1.0
+    assert load_run(out).metrics["all"]["pass@1"] == 1.0
+    table, _, (compared,) = compare_runs([out])
+    assert compared.metrics["all"]["pass@1"] == 1.0 and "| alpha | stand-in | 3 | 3 | 100.00 |" in table
+    assert recompute(out).metrics["all"]["pass@1"] == 1.0
+    assert json.loads((out / "metrics.json").read_text())["all"]["pass@1"] == 1.0
+    # an explicit new threshold is stored and used from then on
+    assert recompute(out, threshold=1.0).metrics["all"]["pass@1"] == 0.0
+    assert load_run(out).metrics["all"]["pass@1"] == 0.0
+
+
+def test_compare_keeps_two_runs_of_the_same_name(tmp_path, use_sampler):
+    dirs = [tmp_path / "first", tmp_path / "second"]
+    for d, reward in zip(dirs, (even_first_digit, half)):
+        use_sampler(SeededSampler())
+        run_eval(_config(d, name="same"), dataset=PROBLEMS, reward_fn=reward, progress=False)
+    table, figure, results = compare_runs(dirs, output=tmp_path / "cmp")
+    assert [r.name for r in results] == ["same (first)", "same (second)"]
+    assert "| alpha | same (first) | 3 | 3 |" in table and "| alpha | same (second) | 3 | 3 |" in table
+    saved = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    assert sorted(saved) == ["same (first)", "same (second)"]
+    assert saved["same (second)"]["all"]["pass@1"] == 0.0  # half's 0.5 never reaches threshold 1.0
+    assert [line.get_label() for line in figure.axes[0].get_lines()] == ["same (first)", "same (second)"]
+
+
+def test_limit_keeps_the_first_rows_of_each_source(tmp_path, use_sampler):
+    sampler = use_sampler(SeededSampler())
+    result = run_eval(_config(tmp_path / "run", limit=2), dataset=PROBLEMS, reward_fn=half, progress=False)
+    assert [r["prompt"][0]["content"] for r in result.records] == ["a1", "a2", "b1", "b2"]
+    assert [q for _, prompts in sampler.calls for q in prompts] == ["a1", "a2", "b1", "b2"]
+
+
+def test_user_ks_are_sorted_and_deduplicated(tmp_path, use_sampler):
+    records = [{"source": "s", "scores": [1, 0, 0, 0]}]  # pass@1 = 1/4, pass@2 = 1/2, pass@4 = 1
+    metrics = compute_metrics(records, ks=[4, 1, 2, 2])
+    assert metrics["ks"] == [1, 2, 4]
+    assert [metrics["all"][f"pass@{k}"] for k in (1, 2, 4)] == [0.25, 0.5, 1.0]
+    with pytest.raises(ValueError, match=r"every k must be in \[1, 4\]"):
+        compute_metrics(records, ks=[8, 1])  # out of range even when it is not the last one given
+    use_sampler(SeededSampler())
+    out = tmp_path / "run"
+    result = run_eval(_config(out, k=[3, 1, 3]), dataset=PROBLEMS, reward_fn=half, progress=False)
+    assert json.loads((out / "metrics.json").read_text())["ks"] == [1, 3]
+    assert result.table.splitlines()[0] == "| benchmark | model | problems | n | pass@1 | pass@3 |"
+
+
+# --------------------------------------------------------------------------------------------------
+# Plots
+
+
+def _write_run(folder: Path, name: str, scores_by_source: dict[str, list[list[int]]]) -> Path:
+    folder.mkdir(parents=True)
+    records = [
+        {"id": f"{source}{i}", "source": source, "prompt": "p", "answer": "1", "completions": ["x"] * len(s),
+         "scores": s}
+        for source, problems in scores_by_source.items()
+        for i, s in enumerate(problems)
+    ]  # fmt: skip
+    (folder / "rollouts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (folder / "settings.json").write_text(json.dumps({"name": name, "threshold": 1.0}))
+    return folder
+
+
+def _exact(n: int, c: int, k: int) -> float:
+    return float(1 - Fraction(math.comb(n - c, k), math.comb(n, k)))
+
+
+def test_each_panel_plots_its_own_benchmark(tmp_path):
+    runs = {
+        "cold": {"alpha": [[1, 0, 0, 0]], "beta": [[0, 0, 0, 0], [1, 1, 0, 0]]},
+        "hot": {"alpha": [[1, 1, 1, 1]], "beta": [[1, 0, 0, 0], [0, 0, 0, 0]]},
+    }
+    dirs = [_write_run(tmp_path / name, name, by_source) for name, by_source in runs.items()]
+    _, figure, _ = compare_runs(dirs)
+    panels = {ax.get_title(): ax for ax in figure.axes if ax.get_visible()}
+    assert sorted(panels) == ["alpha", "beta"]
+    for source, ax in panels.items():
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        assert sorted(lines) == ["cold", "hot"]
+        for name, line in lines.items():
+            problems = runs[name][source]
+            # percent, averaged over the benchmark's problems, from exact rationals
+            expected = [100 * sum(_exact(4, sum(s), k) for s in problems) / len(problems) for k in (1, 2, 4)]
+            assert list(line.get_xdata()) == [1, 2, 4]
+            assert list(line.get_ydata()) == pytest.approx(expected, abs=1e-9), (source, name)
+    # hand-worked for one line: beta, cold: (0 + 1/2) / 2 = 25 %, (0 + 5/6) / 2, (0 + 1) / 2
+    beta_cold = next(line for line in panels["beta"].get_lines() if line.get_label() == "cold")
+    assert list(beta_cold.get_ydata()) == pytest.approx([25.0, 100 * 5 / 12, 50.0])
+
+    # a run that lacks a benchmark draws no line in its panel
+    only_alpha = _write_run(tmp_path / "alpha_only", "alpha only", {"alpha": [[1, 1, 0, 0]]})
+    figure = plot_pass_at_k([(r.name, r.metrics) for r in map(load_run, [dirs[0], only_alpha])])
+    labels = {
+        ax.get_title(): [line.get_label() for line in ax.get_lines()]
+        for ax in figure.axes
+        if ax.get_visible()
+    }
+    assert labels == {"alpha": ["cold", "alpha only"], "beta": ["cold"]}

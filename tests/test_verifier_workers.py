@@ -1,0 +1,88 @@
+"""A verifier job that overruns its deadline gets its worker subprocess killed, not just abandoned.
+
+A worker stuck on ``9**9**9**9`` never returns; left alive it burns a core for good (re-parented to init
+when the trainer exits). The processes are observed from outside, through /proc: the verifier's
+children before and after a timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from pacsrl.rewards import score_gym_answers, shutdown_workers, verify_answer
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
+
+TOWER = r"\boxed{9^{9^{9^{9}}}}"  # SymPy would try to build a number with ~10^369693099 digits
+
+
+def _state(pid: int) -> str | None:
+    """The process state letter (R, S, Z, ...), None when there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+def _running(pid: int) -> bool:
+    return _state(pid) not in (None, "Z")
+
+
+def _workers() -> set[int]:
+    """Live verifier worker subprocesses of this process (found by parent pid and command line)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes()
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        if ppid == os.getpid() and b"pacsrl.rewards" in cmdline and _running(int(entry.name)):
+            found.add(int(entry.name))
+    return found
+
+
+@pytest.fixture
+def no_leaked_workers():
+    """Start with no idle workers; whatever the test leaves running (a bug) is killed afterwards."""
+    shutdown_workers()
+    assert _workers() == set()
+    yield
+    for pid in _workers():
+        os.kill(pid, signal.SIGKILL)
+    shutdown_workers()
+
+
+def test_a_timed_out_check_kills_its_worker_and_a_new_one_takes_over(no_leaked_workers):
+    assert verify_answer(r"\boxed{2}", "2")
+    (first,) = _workers()  # the worker that will get stuck
+    assert verify_answer(TOWER, "1", timeout=1.0) is False
+    assert not _running(first)  # killed at the deadline, not left computing the tower
+    assert verify_answer(r"\boxed{3}", "3") and not verify_answer(r"\boxed{3}", "4")
+    (second,) = _workers()
+    assert second != first and _running(second)
+
+
+def _countdown_entry() -> tuple[str, dict]:
+    """A countdown problem with its gold expression: 25 * 4 = 100 from the numbers 25 and 4."""
+    entry = {"question": "", "answer": "25*4", "metadata": {"target": 100, "numbers": [25, 4]}}
+    return "25*4", entry
+
+
+def test_a_timed_out_gym_job_kills_its_worker_and_the_rest_of_the_batch_goes_to_a_new_one(no_leaked_workers):
+    gold, entry = _countdown_entry()
+    assert score_gym_answers("countdown", [gold], [entry]) == [(1.0, "ok")]
+    (first,) = _workers()
+    # countdown's scorer hands the answer to SymPy's parse_expr: the tower never returns
+    results = score_gym_answers("countdown", [gold, "9**9**9**9", gold], [entry] * 3, timeout=1.0)
+    assert results == [(1.0, "ok"), (0.0, "timeout"), (1.0, "ok")]
+    assert not _running(first)
+    (second,) = _workers()
+    assert second != first
