@@ -19,7 +19,7 @@ import logging
 import sys
 from pathlib import Path
 
-from pacsrl.demo.run import ALGORITHMS, DemoConfig
+from pacsrl.demo.config import ALGORITHMS, DemoConfig
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         parser.error(str(err))
 
-    from pacsrl.demo.run import comparison_table, default_output_dir, run_demo
+    from pacsrl.demo.report import comparison_table
+    from pacsrl.demo.run import default_output_dir, run_demo
 
     output = args.output or default_output_dir()
     try:
