@@ -9,7 +9,7 @@ import pytest
 from reasoning_gym.utils import extract_answer
 
 import pacsrl.data.gym as gym_module
-import pacsrl.rewards.math as math_module
+import pacsrl.rewards._pool as pool_module
 from pacsrl.data.gym import (
     GymReward,
     completion_text,
@@ -253,7 +253,7 @@ def test_scorer_errors_are_counted_and_logged(tmp_path, monkeypatch, caplog):
     (tmp_path / "sitecustomize.py").write_text(RAISING_SCORER)
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
     # pools of their own, so that their workers start with the patch (and no other test gets them)
-    monkeypatch.setattr(math_module, "_POOLS", {})
+    monkeypatch.setattr(pool_module, "_POOLS", {})
     reward = make_gym_reward("chain_sum")
     metrics = {}
     try:
@@ -264,7 +264,7 @@ def test_scorer_errors_are_counted_and_logged(tmp_path, monkeypatch, caplog):
                 log_metric=lambda name, value: metrics.__setitem__(name, value),
             )
     finally:
-        math_module.shutdown_workers()
+        pool_module.shutdown_workers()
     assert rewards == [0.0] * 6
     assert verifier_stats() == VerifierStats(calls=5, timeouts=0, errors=5)  # the untagged one is not a job
     assert metrics == {"chain_sum_accuracy/timeout_frac": 0.0, "chain_sum_accuracy/error_frac": 5 / 6}

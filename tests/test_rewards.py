@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+import pacsrl.rewards._pool as pool_module
 import pacsrl.rewards.math as math_module
 from pacsrl.rewards import (
     VerifierStats,
@@ -335,7 +336,7 @@ def test_forked_child_gets_its_own_worker():
 
 def test_worker_killed_while_idle_is_replaced():
     assert verify_answer(r"\boxed{2}", "2")  # make sure an idle worker exists
-    pool = math_module._get_pool(1)
+    pool = pool_module.get_pool(1)
     for worker in pool._idle:
         worker.proc.kill()
         worker.proc.wait()
@@ -347,9 +348,9 @@ def test_worker_killed_while_idle_is_replaced():
 def test_worker_dying_mid_job_scores_zero_and_is_counted(monkeypatch, caplog):
     def die(self, message, timeout):
         self.proc.kill()
-        raise math_module._WorkerDied("killed by the test")
+        raise pool_module.WorkerDied("killed by the test")
 
-    monkeypatch.setattr(math_module._Worker, "request", die)
+    monkeypatch.setattr(pool_module.Worker, "request", die)
     with caplog.at_level(logging.WARNING, logger="pacsrl.rewards.math"):
         assert math_reward([r"\boxed{2}"], answer=["2"]) == [0.0]
     assert verifier_stats() == VerifierStats(calls=1, timeouts=0, errors=1)

@@ -27,8 +27,8 @@ from typing import Any
 import reasoning_gym
 from datasets import Dataset
 
+from pacsrl.rewards._pool import validate_timeout
 from pacsrl.rewards.gym import DEFAULT_TIMEOUT, score_gym_answers
-from pacsrl.rewards.math import _validate_timeout
 
 logger = logging.getLogger(__name__)
 
@@ -307,7 +307,7 @@ def make_gym_reward(task: str, *, timeout: float = DEFAULT_TIMEOUT, num_workers:
         if "not registered" in str(err):
             raise ValueError(f"unknown reasoning-gym task {task!r}; e.g. 'chain_sum', 'countdown'") from err
         raise
-    timeout = _validate_timeout(timeout)
+    timeout = validate_timeout(timeout)
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
         raise ValueError(f"num_workers must be an integer >= 1, got {num_workers!r}")
     return GymReward(task, timeout, num_workers)

@@ -1,16 +1,18 @@
 """Verifiable rewards for RLVR, following TRL's reward-function contract."""
 
-from pacsrl.rewards.gym import score_gym_answers
-from pacsrl.rewards.math import (
-    MathReward,
+from pacsrl.rewards._pool import (
     VerifierStats,
-    find_unparseable_gold,
-    make_math_reward,
-    math_reward,
     reset_verifier_stats,
     shutdown_workers,
     timeout_count,
     verifier_stats,
+)
+from pacsrl.rewards.gym import score_gym_answers
+from pacsrl.rewards.math import (
+    MathReward,
+    find_unparseable_gold,
+    make_math_reward,
+    math_reward,
     verify_answer,
 )
 

@@ -1,4 +1,4 @@
-"""Verification worker subprocess, started and driven by :mod:`pacsrl.rewards.math`.
+"""Verification worker subprocess, started and driven by :mod:`pacsrl.rewards._pool`.
 
 math-verify parses LaTeX with ANTLR and compares with SymPy; on hostile text either can run for minutes or
 blow the stack, and its own ``signal.alarm`` timeouts only work in the main thread of the main interpreter.
@@ -31,8 +31,8 @@ import logging
 import os
 import struct
 import sys
-from functools import lru_cache
 from collections.abc import Callable, Iterator
+from functools import cache, lru_cache
 from typing import Any, BinaryIO
 
 HEADER = struct.Struct(">I")
@@ -91,7 +91,7 @@ def main() -> None:
         # As in the paper: the gold answer is wrapped in \boxed{} before parsing.
         return parse("\\boxed{" + gold + "}", parsing_timeout=None)
 
-    @lru_cache(maxsize=None)
+    @cache
     def gym_scorer(task: str) -> Callable[[str, dict[str, Any]], float]:
         import reasoning_gym  # only in workers that score gym tasks: it takes about a second to import
 
@@ -126,10 +126,11 @@ def main() -> None:
     # real job's deadline is not spent on it.
     handle({"op": "verify", "pred": "\\boxed{\\frac{1}{2}}", "gold": "0.5"})
     write_message(channel, {"ready": True})
+
     def guarded(job: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         try:
             return job()
-        except Exception as exc:  # reported to the parent, which counts it and scores 0.0
+        except Exception as exc:  # noqa: BLE001 (reported to the parent, which counts it and scores 0.0)
             return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
 
     def gym_score(job: dict[str, Any]) -> dict[str, Any]:

@@ -1,10 +1,10 @@
-"""reasoning-gym scorers run under a deadline, in the worker subprocesses of :mod:`pacsrl.rewards.math`.
+"""reasoning-gym scorers run under a deadline, in the verifier worker subprocesses (:mod:`pacsrl.rewards._pool`).
 
 A reasoning-gym task scores an answer with its own Python code, and some of it runs the model's text
 through SymPy (``countdown`` calls ``parse_expr`` on it: ``9**9**9**9`` never returns). So, as for
 math-verify, the parent never calls a scorer itself: the answers of one call go to a worker subprocess
 in one request, the worker imports reasoning-gym and builds the task's scorer once, answers job by job,
-and is killed when a job overruns its deadline (:meth:`pacsrl.rewards.math._WorkerPool.run_batch`).
+and is killed when a job overruns its deadline (:meth:`pacsrl.rewards._pool.WorkerPool.run_batch`).
 
 A job that times out or whose scorer raises scores 0.0 and is counted in
 :func:`pacsrl.rewards.verifier_stats`, shared with the math verifier. Timeouts are logged as warnings
@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from pacsrl.rewards.math import _STATS, Outcome, _get_pool, _short, _validate_timeout
+from pacsrl.rewards._pool import Outcome, count_job, get_pool, preview, validate_timeout
 
 logger = logging.getLogger(__name__)
 
@@ -81,13 +81,13 @@ def score_gym_answers(
         RuntimeError: if a worker cannot start or cannot build the task's scorer (e.g. reasoning-gym is
             not installed, or the task is unknown): an environment problem, never scored 0.0.
     """
-    timeout = _validate_timeout(timeout)
+    timeout = validate_timeout(timeout)
     if len(answers) != len(entries):
         raise ValueError(f"got {len(answers)} answers but {len(entries)} entries; they must match one to one")
     jobs = [{"task": task, "answer": a, "entry": dict(e)} for a, e in zip(answers, entries)]
     if not jobs:
         return []
-    pool = _get_pool(num_workers)
+    pool = get_pool(num_workers)
     setup = (f"gym:{task}", {"op": "gym_load", "task": task})
 
     def run(chunk: list[dict[str, Any]]) -> list[dict[str, Any] | None]:
@@ -108,19 +108,19 @@ def _outcome(
     task: str, answer: str, response: dict[str, Any] | None, timeout: float
 ) -> tuple[float, Outcome]:
     if response is None:
-        stats = _STATS.add(calls=1, timeouts=1)
+        stats = count_job("timeout")
         logger.warning(
             "%s scorer timed out after %.3g s on answer %s, which scores 0.0 "
             "(%d timeouts in %d checks so far)",
             task,
             timeout,
-            _short(answer),
+            preview(answer),
             stats.timeouts,
             stats.calls,
         )
         return 0.0, "timeout"
     if "error" in response:
-        stats = _STATS.add(calls=1, errors=1)
+        stats = count_job("error")
         count = _ERRORS.add(task)
         if _is_power_of_two(count):
             logger.warning(
@@ -128,7 +128,7 @@ def _outcome(
                 "1, 2, 4, ...; %d errors in %d checks of all verifiers). A scorer that raises on every row "
                 "is broken, e.g. by metadata types changed in the JSON round trip",
                 task,
-                _short(answer),
+                preview(answer),
                 response["error"],
                 count,
                 task,
@@ -136,5 +136,5 @@ def _outcome(
                 stats.calls,
             )
         return 0.0, "error"
-    _STATS.add(calls=1)
+    count_job("ok")
     return float(response["score"]), "ok"

@@ -6,9 +6,9 @@ with a box is judged on its last box alone (math-verify, given the whole text, w
 within about 70 characters of each other, "\\boxed{3}, \\boxed{5}", into one set answer); one without a box
 is judged by math-verify's fallbacks ("answer is ...", last ``$...$``, last number).
 
-Every check runs in a worker subprocess (:mod:`pacsrl.rewards._worker`) that is killed when it overruns
-its deadline, so a reward call never raises on completion text, never hangs, and works from any thread or
-process (math-verify's own ``signal.alarm`` timeouts do not).
+Every check runs in a worker subprocess (:mod:`pacsrl.rewards._pool`) that is killed when it overruns its
+deadline, so a reward call never raises on completion text, never hangs, and works from any thread or process
+(math-verify's own ``signal.alarm`` timeouts do not).
 
 A check that times out or crashes scores 0.0 and is counted in :func:`verifier_stats`; the reward
 function also reports the fraction per batch through TRL's ``log_metric`` hook.
@@ -16,30 +16,30 @@ function also reports the fraction per batch through TRL's ``log_metric`` hook.
 
 from __future__ import annotations
 
-import atexit
-import json
 import logging
-import math
-import os
 import re
-import select
-import subprocess
-import sys
-import threading
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-from pacsrl.rewards._worker import HEADER, write_message
+from pacsrl.rewards._pool import (
+    Outcome,
+    VerifierStats,
+    WorkerPool,
+    count_job,
+    get_pool,
+    preview,
+    reset_verifier_stats,
+    shutdown_workers,
+    timeout_count,
+    validate_timeout,
+    verifier_stats,
+)
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 5.0
 DEFAULT_MAX_CHARS = 10_000
-# Spawning a worker imports SymPy (about a second, more on a loaded machine); not part of any job's budget.
-_STARTUP_TIMEOUT = 120.0
 # The box commands math-verify reads (latex2sympy2_extended's extract_boxed_content handles both).
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
 _BOX_OPENING = re.compile(r"\\(?:boxed|fbox)\s*\{")
@@ -47,338 +47,7 @@ _BRACES = re.compile(r"[{}]")
 
 
 # --------------------------------------------------------------------------------------------------------
-# Statistics
-
-
-@dataclass(frozen=True)
-class VerifierStats:
-    """Counts of verifier jobs in this process since start-up (or :func:`reset_verifier_stats`).
-
-    Args:
-        calls: jobs run (one per completion, per gold answer in :func:`find_unparseable_gold`, or per
-            answer given to a reasoning-gym scorer by :func:`pacsrl.rewards.gym.score_gym_answers`).
-        timeouts: jobs that overran their deadline; the worker was killed and the job scored 0.0.
-        errors: jobs where math-verify or a gym scorer raised, or the worker died; scored 0.0.
-    """
-
-    calls: int = 0
-    timeouts: int = 0
-    errors: int = 0
-
-
-class _StatsCounter:
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._stats = VerifierStats()
-
-    def add(self, calls: int = 0, timeouts: int = 0, errors: int = 0) -> VerifierStats:
-        with self._lock:
-            s = self._stats
-            self._stats = VerifierStats(s.calls + calls, s.timeouts + timeouts, s.errors + errors)
-            return self._stats
-
-    def get(self) -> VerifierStats:
-        with self._lock:
-            return self._stats
-
-    def reset(self) -> None:
-        with self._lock:
-            self._stats = VerifierStats()
-
-    def after_fork_in_child(self) -> None:
-        self._lock = threading.Lock()
-
-
-_STATS = _StatsCounter()
-
-
-def verifier_stats() -> VerifierStats:
-    """Snapshot of this process's verifier counters (thread-safe)."""
-    return _STATS.get()
-
-
-def timeout_count() -> int:
-    """Number of verifier jobs that timed out in this process so far."""
-    return _STATS.get().timeouts
-
-
-def reset_verifier_stats() -> None:
-    """Set this process's verifier counters back to zero."""
-    _STATS.reset()
-
-
-# --------------------------------------------------------------------------------------------------------
-# Worker subprocesses
-
-
-class _JobTimeout(Exception):
-    pass
-
-
-class _WorkerDied(Exception):
-    pass
-
-
-class _Worker:
-    """One worker subprocess (:func:`pacsrl.rewards._worker.main`); used by one thread at a time."""
-
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from pacsrl.rewards._worker import main; main()"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            bufsize=0,
-            close_fds=True,
-        )
-        self.loaded: set[str] = set()  # keys of the setup requests this worker has run (see run_batch)
-        try:
-            ready = self._receive(time.monotonic() + _STARTUP_TIMEOUT)
-        except (_JobTimeout, _WorkerDied) as exc:
-            self.kill()
-            raise RuntimeError(
-                f"the math-verify worker subprocess ({sys.executable}, pacsrl.rewards._worker) did not start "
-                f"({type(exc).__name__.lstrip('_')}); its stderr above says why (is math-verify installed?)"
-            ) from exc
-        if ready != {"ready": True}:
-            self.kill()
-            raise RuntimeError(f"the math-verify worker sent {ready!r} instead of its ready message")
-
-    def request(self, message: dict[str, Any], timeout: float) -> dict[str, Any]:
-        """Send one job and wait at most ``timeout`` seconds for its answer."""
-        self.send(message)
-        return self._receive(time.monotonic() + timeout)
-
-    def send(self, message: dict[str, Any]) -> None:
-        """Send one request without waiting for an answer."""
-        try:
-            write_message(self.proc.stdin, message)
-        except (BrokenPipeError, OSError) as exc:
-            raise _WorkerDied(str(exc)) from exc
-
-    def receive(self, timeout: float) -> dict[str, Any]:
-        """Wait at most ``timeout`` seconds for the next answer."""
-        return self._receive(time.monotonic() + timeout)
-
-    def _receive(self, deadline: float) -> dict[str, Any]:
-        header = self._read_exact(HEADER.size, deadline)
-        return json.loads(self._read_exact(HEADER.unpack(header)[0], deadline))
-
-    def _read_exact(self, n: int, deadline: float) -> bytes:
-        fd = self.proc.stdout.fileno()
-        chunks = []
-        while n > 0:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
-                raise _JobTimeout
-            chunk = os.read(fd, n)
-            if not chunk:
-                raise _WorkerDied(f"exit code {self.proc.poll()}")
-            chunks.append(chunk)
-            n -= len(chunk)
-        return b"".join(chunks)
-
-    def kill(self) -> None:
-        """Kill the subprocess and reap it."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        self.close_pipes()
-
-    def close(self) -> None:
-        """Ask the subprocess to exit (EOF on its stdin); kill it if it does not."""
-        self.close_pipes()
-        try:
-            self.proc.wait(timeout=2.0)
-        except subprocess.TimeoutExpired:
-            self.kill()
-
-    def close_pipes(self) -> None:
-        for pipe in (self.proc.stdin, self.proc.stdout):
-            try:
-                pipe.close()
-            except OSError:
-                pass
-
-
-class _WorkerPool:
-    """At most ``size`` worker subprocesses, shared by all threads of this process, started lazily."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._reset()
-
-    def _reset(self) -> None:
-        self._pid = os.getpid()
-        self._cond = threading.Condition()
-        self._idle: list[_Worker] = []
-        self._live = 0
-
-    def after_fork_in_child(self) -> None:
-        # The workers belong to the parent: drop our copies of their pipes, never signal them.
-        for worker in self._idle:
-            worker.close_pipes()
-        self._reset()
-
-    def _acquire(self) -> _Worker:
-        with self._cond:
-            while not self._idle and self._live >= self.size:
-                self._cond.wait()
-            while self._idle:
-                worker = self._idle.pop()
-                if worker.proc.poll() is None:
-                    return worker
-                worker.kill()  # died while idle (e.g. killed from outside): replace it, not the job's fault
-                self._live -= 1
-            self._live += 1
-        try:
-            return _Worker()
-        except BaseException:
-            with self._cond:
-                self._live -= 1
-                self._cond.notify()
-            raise
-
-    def _release(self, worker: _Worker | None) -> None:
-        with self._cond:
-            if worker is None:
-                self._live -= 1
-            else:
-                self._idle.append(worker)
-            self._cond.notify()
-
-    def run(self, message: dict[str, Any], timeout: float) -> dict[str, Any] | None:
-        """Run one job: the worker's answer, an ``error`` answer if the worker died, or None on timeout.
-
-        A worker that timed out or died is killed and replaced on the next call.
-        """
-        if os.getpid() != self._pid:  # forked without os.register_at_fork having run (should not happen)
-            self._reset()
-        worker = self._acquire()
-        try:
-            response = worker.request(message, timeout)
-        except _JobTimeout:
-            worker.kill()
-            self._release(None)
-            return None
-        except _WorkerDied as exc:
-            worker.kill()
-            self._release(None)
-            return {"ok": False, "error": f"worker died ({exc})"}
-        except BaseException:  # e.g. KeyboardInterrupt mid-job: the worker's state is unknown
-            worker.kill()
-            self._release(None)
-            raise
-        self._release(worker)
-        return response
-
-    def run_batch(
-        self,
-        request: Callable[[list[Any]], dict[str, Any]],
-        jobs: Sequence[Any],
-        timeout: float,
-        setup: tuple[str, dict[str, Any]] | None = None,
-    ) -> list[dict[str, Any] | None]:
-        """Run jobs sent together: one answer per job, as :meth:`run` gives, each within ``timeout`` seconds.
-
-        ``request(pending_jobs)`` builds the one message that asks for all of them; the worker answers each
-        job in order as it finishes. Job i's deadline runs from the answer to job i-1, so every job gets
-        the whole ``timeout``; on a timeout (None) or a dead worker (an ``error`` answer) the worker is
-        killed, and the jobs after it go to a fresh one.
-
-        ``setup`` is ``(key, message)``: a request that each worker must have answered, under the start-up
-        deadline, before its first batch with that key (e.g. importing a library and building a scorer).
-
-        Raises:
-            RuntimeError: if a worker cannot start or its setup fails (an environment problem, not a job's).
-        """
-        if os.getpid() != self._pid:
-            self._reset()
-        results: list[dict[str, Any] | None] = []
-        while len(results) < len(jobs):
-            pending = list(jobs[len(results) :])
-            worker = self._acquire()
-            try:
-                if setup is not None and setup[0] not in worker.loaded:
-                    self._setup(worker, *setup)
-                worker.send(request(pending))
-                for _ in pending:
-                    results.append(worker.receive(timeout))
-            except _JobTimeout:
-                worker.kill()
-                self._release(None)
-                results.append(None)
-                continue
-            except _WorkerDied as exc:
-                worker.kill()
-                self._release(None)
-                results.append({"error": f"worker died ({exc})"})
-                continue
-            except BaseException:
-                worker.kill()
-                self._release(None)
-                raise
-            self._release(worker)
-        return results
-
-    @staticmethod
-    def _setup(worker: _Worker, key: str, message: dict[str, Any]) -> None:
-        try:
-            response = worker.request(message, _STARTUP_TIMEOUT)
-        except (_JobTimeout, _WorkerDied) as exc:
-            response = {"error": type(exc).__name__.lstrip("_")}
-        if "error" in response:
-            raise RuntimeError(
-                f"the verifier worker subprocess could not set up {key!r}: {response['error']}"
-            )
-        worker.loaded.add(key)
-
-    def shutdown(self) -> None:
-        """Stop the idle workers (busy ones are stopped by the threads using them)."""
-        with self._cond:
-            idle, self._idle = self._idle, []
-            self._live -= len(idle)
-        for worker in idle:
-            worker.close()
-
-
-_POOLS: dict[int, _WorkerPool] = {}
-_POOLS_LOCK = threading.Lock()
-
-
-def _get_pool(num_workers: int) -> _WorkerPool:
-    with _POOLS_LOCK:
-        if num_workers not in _POOLS:
-            _POOLS[num_workers] = _WorkerPool(num_workers)
-        return _POOLS[num_workers]
-
-
-def _after_fork_in_child() -> None:
-    # Another thread may have held these locks at the fork; the child gets fresh ones.
-    global _POOLS_LOCK
-    _POOLS_LOCK = threading.Lock()
-    _STATS.after_fork_in_child()
-    for pool in _POOLS.values():
-        pool.after_fork_in_child()
-
-
-def shutdown_workers() -> None:
-    """Stop this process's idle verifier subprocesses (they restart on the next call). Runs at exit."""
-    for pool in list(_POOLS.values()):
-        pool.shutdown()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
-atexit.register(shutdown_workers)
-
-
-# --------------------------------------------------------------------------------------------------------
 # Jobs
-
-
-def _validate_timeout(timeout: float) -> float:
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (0 < timeout < math.inf):
-        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-    return float(timeout)
 
 
 def _answer_text(text: str, max_chars: int) -> str:
@@ -409,14 +78,11 @@ def _answer_text(text: str, max_chars: int) -> str:
     return tail
 
 
-Outcome = Literal["ok", "timeout", "error"]
-
-
-def _check(pool: _WorkerPool, message: dict[str, Any], timeout: float, what: str) -> tuple[bool, Outcome]:
+def _check(pool: WorkerPool, message: dict[str, Any], timeout: float, what: str) -> tuple[bool, Outcome]:
     """Run one job; (answer, outcome). Timeouts and errors answer False and are counted and logged."""
     response = pool.run(message, timeout)
     if response is None:
-        stats = _STATS.add(calls=1, timeouts=1)
+        stats = count_job("timeout")
         logger.warning(
             "math verification of %s timed out after %.3g s and scores 0.0 (%d timeouts in %d checks so far)",
             what,
@@ -426,7 +92,7 @@ def _check(pool: _WorkerPool, message: dict[str, Any], timeout: float, what: str
         )
         return False, "timeout"
     if "error" in response:
-        stats = _STATS.add(calls=1, errors=1)
+        stats = count_job("error")
         logger.warning(
             "math verification of %s failed and scores 0.0: %s (%d errors in %d checks so far)",
             what,
@@ -435,18 +101,14 @@ def _check(pool: _WorkerPool, message: dict[str, Any], timeout: float, what: str
             stats.calls,
         )
         return False, "error"
-    _STATS.add(calls=1)
+    count_job("ok")
     return bool(response["ok"]), "ok"
 
 
-def _short(text: str, n: int = 80) -> str:
-    return repr(text if len(text) <= n else "..." + text[-n:])
-
-
-def _verify(text: str, gold: str, timeout: float, max_chars: int, pool: _WorkerPool) -> tuple[bool, Outcome]:
+def _verify(text: str, gold: str, timeout: float, max_chars: int, pool: WorkerPool) -> tuple[bool, Outcome]:
     pred = _answer_text(text, max_chars)
     message = {"op": "verify", "pred": pred, "gold": gold}
-    return _check(pool, message, timeout, f"completion {_short(pred)} against gold {_short(gold)}")
+    return _check(pool, message, timeout, f"completion {preview(pred)} against gold {preview(gold)}")
 
 
 def verify_answer(completion_text: str, gold: str, timeout: float = DEFAULT_TIMEOUT) -> bool:
@@ -461,7 +123,7 @@ def verify_answer(completion_text: str, gold: str, timeout: float = DEFAULT_TIME
             "verify_answer expects two strings, got "
             f"{type(completion_text).__name__} and {type(gold).__name__}"
         )
-    return _verify(completion_text, gold, _validate_timeout(timeout), DEFAULT_MAX_CHARS, _get_pool(1))[0]
+    return _verify(completion_text, gold, validate_timeout(timeout), DEFAULT_MAX_CHARS, get_pool(1))[0]
 
 
 def find_unparseable_gold(answers: Sequence[str], timeout: float = DEFAULT_TIMEOUT) -> list[tuple[int, str]]:
@@ -474,13 +136,13 @@ def find_unparseable_gold(answers: Sequence[str], timeout: float = DEFAULT_TIMEO
     Raises:
         TypeError: if an answer is not a string.
     """
-    timeout = _validate_timeout(timeout)
-    pool = _get_pool(1)
+    timeout = validate_timeout(timeout)
+    pool = get_pool(1)
     bad = []
     for i, gold in enumerate(answers):
         if not isinstance(gold, str):
             raise TypeError(f"gold answer at row {i} is a {type(gold).__name__}, expected str: {gold!r}")
-        ok, _ = _check(pool, {"op": "gold", "gold": gold}, timeout, f"gold answer at row {i} {_short(gold)}")
+        ok, _ = _check(pool, {"op": "gold", "gold": gold}, timeout, f"gold answer at row {i} {preview(gold)}")
         if not ok:
             bad.append((i, gold))
     return bad
@@ -562,7 +224,7 @@ class MathReward:
                     f"{self.__name__}: gold answer {i} is a {type(gold).__name__} ({gold!r}); "
                     "the 'answer' column must hold strings"
                 )
-        pool = _get_pool(self.num_workers)
+        pool = get_pool(self.num_workers)
 
         def check(i: int) -> tuple[bool, Outcome]:
             return _verify(texts[i], answer[i], self.timeout, self.max_chars, pool)
@@ -600,7 +262,7 @@ def make_math_reward(
     Raises:
         ValueError: on a non-positive timeout, num_workers < 1 or max_chars < 1000.
     """
-    timeout = _validate_timeout(timeout)
+    timeout = validate_timeout(timeout)
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
         raise ValueError(f"num_workers must be an integer >= 1, got {num_workers!r}")
     if isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars < 1000:
@@ -612,3 +274,21 @@ def make_math_reward(
 
 math_reward = make_math_reward()
 """The math reward with default settings (5 s per completion, one worker subprocess per process)."""
+
+
+# VerifierStats, verifier_stats, ... are the counters of every verifier (pacsrl.rewards._pool), also importable
+# from here
+__all__ = [
+    "DEFAULT_MAX_CHARS",
+    "DEFAULT_TIMEOUT",
+    "MathReward",
+    "VerifierStats",
+    "find_unparseable_gold",
+    "make_math_reward",
+    "math_reward",
+    "reset_verifier_stats",
+    "shutdown_workers",
+    "timeout_count",
+    "verifier_stats",
+    "verify_answer",
+]
