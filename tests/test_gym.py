@@ -10,17 +10,16 @@ from reasoning_gym.utils import extract_answer
 
 import pacsrl.data.gym as gym_module
 import pacsrl.rewards._pool as pool_module
-from pacsrl.data.gym import (
-    GymReward,
-    completion_text,
-    extract_last_answer,
-    format_solution,
-    make_gym_dataset,
-    make_gym_reward,
-    make_gym_splits,
-    normalize_question,
+from pacsrl.data.gym import format_solution, make_gym_dataset, make_gym_splits, normalize_question
+from pacsrl.rewards import (
+    VerifierStats,
+    math_reward,
+    reset_verifier_stats,
+    shutdown_workers,
+    verifier_stats,
 )
-from pacsrl.rewards import VerifierStats, reset_verifier_stats, shutdown_workers, verifier_stats
+from pacsrl.rewards.completions import completion_text
+from pacsrl.rewards.gym import GymReward, extract_last_answer, make_gym_reward
 
 
 @pytest.fixture(autouse=True)
@@ -110,6 +109,17 @@ def _columns(answers, expressions):
     return {"answer": answers, "metadata": metadata}
 
 
+def _text(text):
+    return {"type": "text", "text": text}
+
+
+def _assistant(content):
+    return {"role": "assistant", "content": content}
+
+
+_TOOL_TURN = {"role": "tool", "content": "ok"}
+
+
 @pytest.mark.parametrize(
     ("completion", "expected"),
     [
@@ -127,9 +137,11 @@ def _columns(answers, expressions):
         ("\x00<answer>\uffff</answer>" * 50, 0.0),  # junk
         ([{"role": "assistant", "content": "<answer>7</answer>"}], 1.0),  # conversational
         ([{"role": "assistant", "content": "<answer>6</answer>"}], 0.0),
-        ([{"role": "assistant", "content": None}], 0.0),  # conversational junk
-        ([], 0.0),
-        (None, 0.0),
+        ([{"role": "assistant", "content": None}], 0.0),  # no text
+        # content parts: the text parts joined, as the math reward reads them
+        ([_assistant([_text("<answer>"), _text("7"), {"type": "image"}, _text("</answer>")])], 1.0),
+        # the last assistant message is read, after a tool turn
+        ([_assistant("<answer>6</answer>"), _TOOL_TURN, _assistant("<answer>7</answer>")], 1.0),
     ],
 )
 def test_reward_table(completion, expected):
@@ -163,8 +175,32 @@ def test_reward_rejects_misaligned_columns():
 def test_completion_text():
     assert completion_text("abc") == "abc"
     assert completion_text([{"role": "assistant", "content": "x"}]) == "x"
-    assert completion_text([{"role": "user", "content": "q"}]) is None
-    assert completion_text(42) is None
+    assert completion_text(({"role": "user", "content": "q"}, {"role": "assistant", "content": None})) == ""
+    parts = [_text("a"), {"type": "image_url"}, {"type": "text", "text": None}, _text("b")]
+    assert completion_text([{"role": "assistant", "content": parts}]) == "ab"
+
+
+@pytest.mark.parametrize(
+    ("completion", "error", "message"),
+    [
+        ([{"role": "user", "content": "q"}], ValueError, "completion 1 has no assistant message"),
+        ([], ValueError, "completion 1 has no assistant message"),
+        (42, TypeError, "completion 1 is a int"),
+        (None, TypeError, "completion 1 is a NoneType"),
+        ([{"role": "assistant", "content": 7}], TypeError, "completion 1: assistant content is a int"),
+    ],
+)
+def test_both_rewards_refuse_a_completion_that_is_not_one(completion, error, message):
+    # TRL passes strings or chat-message lists: anything else is a bug upstream, never a silent 0.0, and the
+    # math and gym rewards read completions alike (one reader)
+    with pytest.raises(error, match=message):
+        completion_text(completion, 1)
+    gym = make_gym_reward("chain_sum")
+    with pytest.raises(error, match=message):
+        gym(["<answer>7</answer>", completion], **_columns(["7", "7"], ["3 + 4", "3 + 4"]))
+    with pytest.raises(error, match=message):
+        math_reward([r"\boxed{7}", completion], answer=["7", "7"])
+    assert verifier_stats() == VerifierStats()  # refused before any job ran
 
 
 def test_extract_last_answer_matches_reasoning_gym():
@@ -332,6 +368,7 @@ def test_empty_gold_answer_is_rejected(monkeypatch):
 
 
 def test_reward_arguments_and_pickle():
+    assert gym_module.make_gym_reward is make_gym_reward  # still importable from pacsrl.data.gym
     reward = make_gym_reward("chain_sum", timeout=2.0, num_workers=2)
     assert isinstance(reward, GymReward) and reward.timeout == 2.0
     clone = pickle.loads(pickle.dumps(reward))

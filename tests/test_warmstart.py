@@ -5,9 +5,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pacsrl.data.gym import format_solution, make_gym_reward, normalize_question
+from pacsrl.data.gym import format_solution, normalize_question
 from pacsrl.demo import DEMO_POOL_SIZE, DEMO_TASK, DEMO_TASK_CONFIG, demo_checkpoint_path, demo_splits
 from pacsrl.demo.warmstart import main, pass_at_k, sample_pass_at_k, warmstart_data, worked_solution
+from pacsrl.rewards.gym import make_gym_reward
 
 
 @pytest.fixture(scope="module")

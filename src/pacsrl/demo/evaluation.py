@@ -69,8 +69,9 @@ class DemoData:
 def load_data(config: DemoConfig) -> DemoData:
     """The demo task's splits: for the demo task with its default config, the held-out pool of
     ``pacsrl.demo.demo_splits`` (never seen in warm-start); otherwise disjoint splits of the task's stream."""
-    from pacsrl.data.gym import make_gym_reward, make_gym_splits
+    from pacsrl.data.gym import make_gym_splits
     from pacsrl.demo import demo_splits
+    from pacsrl.rewards.gym import make_gym_reward
 
     task_config = config.resolved_task_config()
     if config.task == DEMO_TASK and task_config == DEMO_TASK_CONFIG:

@@ -168,8 +168,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    from pacsrl.data.gym import make_gym_reward
     from pacsrl.demo.tiny import build_model, build_tokenizer
+    from pacsrl.rewards.gym import make_gym_reward
 
     torch.set_num_threads(args.threads)
     started = time.time()

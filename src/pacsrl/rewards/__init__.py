@@ -7,7 +7,7 @@ from pacsrl.rewards._pool import (
     timeout_count,
     verifier_stats,
 )
-from pacsrl.rewards.gym import score_gym_answers
+from pacsrl.rewards.gym import GymReward, make_gym_reward, score_gym_answers
 from pacsrl.rewards.math import (
     MathReward,
     find_unparseable_gold,
@@ -17,9 +17,11 @@ from pacsrl.rewards.math import (
 )
 
 __all__ = [
+    "GymReward",
     "MathReward",
     "VerifierStats",
     "find_unparseable_gold",
+    "make_gym_reward",
     "make_math_reward",
     "math_reward",
     "reset_verifier_stats",

@@ -35,6 +35,7 @@ from pacsrl.rewards._pool import (
     validate_timeout,
     verifier_stats,
 )
+from pacsrl.rewards.completions import completion_text
 
 logger = logging.getLogger(__name__)
 
@@ -152,32 +153,6 @@ def find_unparseable_gold(answers: Sequence[str], timeout: float = DEFAULT_TIMEO
 # TRL reward function
 
 
-def _completion_text(completion: Any, index: int) -> str:
-    """The text of a TRL completion: a string, or the content of the last assistant message of a list."""
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, (list, tuple)):
-        for message in reversed(completion):
-            if isinstance(message, dict) and message.get("role") == "assistant":
-                content = message.get("content")
-                if content is None:
-                    return ""
-                if isinstance(content, str):
-                    return content
-                if isinstance(content, list):  # content parts: [{"type": "text", "text": ...}, ...]
-                    parts = [p for p in content if isinstance(p, dict) and p.get("type") == "text"]
-                    return "".join(p.get("text") or "" for p in parts)
-                raise TypeError(
-                    f"completion {index}: assistant content is a {type(content).__name__}, "
-                    "expected str or a list of content parts"
-                )
-        roles = [m.get("role") if isinstance(m, dict) else type(m).__name__ for m in completion]
-        raise ValueError(f"completion {index} has no assistant message (roles: {roles})")
-    raise TypeError(
-        f"completion {index} is a {type(completion).__name__}; expected a string or a list of chat messages"
-    )
-
-
 class MathReward:
     """TRL reward function: 1.0 when a completion's last ``\\boxed{}`` equals the row's gold answer, else 0.0.
 
@@ -217,7 +192,7 @@ class MathReward:
                 f"{self.__name__}: got {len(completions)} completions but {len(answer)} gold answers "
                 "(column 'answer'); they must match one to one"
             )
-        texts = [_completion_text(c, i) for i, c in enumerate(completions)]
+        texts = [completion_text(c, i) for i, c in enumerate(completions)]
         for i, gold in enumerate(answer):
             if not isinstance(gold, str):
                 raise TypeError(
