@@ -144,7 +144,19 @@ class PPOConfig(GRPOConfig):
                 f"{self.beta} instead and leave beta out"
             )
         self.beta = self.kl_coef  # TRL loads the reference model and its log-probs when beta != 0
+        given = {name: getattr(self, name) for name in _GRPO_ONLY}  # as the user wrote them
         super().__post_init__()
+        for name, (
+            expected,
+            why,
+        ) in _GRPO_ONLY.items():  # after TRL's normalisation (scale_rewards=True: "group")
+            value = getattr(self, name)
+            if value != expected:
+                read_as = "" if given[name] == value else f" (which TRL reads as {value!r})"
+                raise ValueError(
+                    f"{name}={given[name]!r}{read_as} is a GRPO option that PPO does not use ({why}); set "
+                    f"{name}={expected!r} or leave it out of the PPO config."
+                )
 
     def _check_ppo_fields(self) -> None:
         if self.loss_type != "ppo":
@@ -152,12 +164,6 @@ class PPOConfig(GRPOConfig):
                 f"loss_type={self.loss_type!r}: PPOTrainer trains with PPO's loss only; leave "
                 "loss_type out (it is 'ppo'). For GRPO use `pacsrl train --algorithm grpo`."
             )
-        for name, (expected, why) in _GRPO_ONLY.items():
-            if getattr(self, name) != expected:
-                raise ValueError(
-                    f"{name}={getattr(self, name)!r} is a GRPO option that PPO does not use ({why}); "
-                    f"set {name}={expected!r} or leave it out of the PPO config."
-                )
         ranges = {"gamma": self.gamma, "lam": self.lam}
         for name, value in ranges.items():
             if not 0.0 <= value <= 1.0:
