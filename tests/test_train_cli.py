@@ -1,4 +1,4 @@
-"""`pacsrl train`: recipe parsing, and PACS / GRPO smoke runs in a subprocess."""
+"""`pacsrl train`: recipe parsing, and PACS / GRPO / RLOO / PPO smoke runs in a subprocess."""
 
 from __future__ import annotations
 
@@ -60,6 +60,29 @@ def test_grpo_ignores_pacs_fields_of_a_recipe(workdir):
     assert train_args.algorithm == "grpo" and type(config).__name__ == "GRPOConfig"
 
 
+@pytest.mark.parametrize(
+    ("algorithm", "config_name", "ignored"),
+    [
+        ("pacs", "PACSConfig", "critic_learning_rate, gamma"),
+        ("grpo", "GRPOConfig", "critic_learning_rate, gamma, pacs_beta"),
+        ("rloo", "RLOOConfig", "critic_learning_rate, gamma, pacs_beta"),
+        ("ppo", "PPOConfig", "pacs_beta"),
+    ],
+)
+def test_fields_of_other_algorithms_are_ignored_with_a_notice(workdir, caplog, algorithm, config_name, ignored):
+    # one recipe for a comparison: each algorithm takes its own fields and names, on one line, those it ignores
+    path = write_recipe(workdir, f"mixed-{algorithm}", pacs_beta=0.5, critic_learning_rate=3e-6, gamma=0.9)
+    with caplog.at_level("WARNING", logger="pacsrl.train_cli"):
+        train_args, config, _ = parse_train_args(["--config", str(path), "--algorithm", algorithm])
+    assert train_args.algorithm == algorithm and type(config).__name__ == config_name
+    notices = [r.getMessage() for r in caplog.records if "ignores" in r.getMessage()]
+    assert notices == [f"--algorithm {algorithm} ignores the recipe's fields of other algorithms: {ignored}"]
+    if algorithm == "ppo":
+        assert config.critic_learning_rate == 3e-6 and config.gamma == 0.9
+    if algorithm == "rloo":
+        assert config.beta == 0.0  # no KL by default, as the other algorithms
+
+
 def test_unknown_recipe_field_is_an_error(workdir, capsys):
     path = write_recipe(workdir, "bad", pacs_bta=0.5)
     with pytest.raises(SystemExit):
@@ -88,7 +111,7 @@ def test_help_lists_every_field():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", ["pacs", "grpo"])
+@pytest.mark.parametrize("algorithm", ["pacs", "grpo", "rloo", "ppo"])
 def test_train_smoke_subprocess(workdir, algorithm):
     path = write_recipe(workdir, f"smoke-{algorithm}", pacs_beta=0.5)
     proc = _run(["--config", str(path), "--algorithm", algorithm], workdir)
@@ -96,10 +119,11 @@ def test_train_smoke_subprocess(workdir, algorithm):
     out = workdir / f"smoke-{algorithm}"
     assert (out / "model.safetensors").exists() and (out / "config.json").exists()
     assert "saved the trained model" in proc.stderr
-    if algorithm == "pacs":
-        assert "pacs/loss" in proc.stdout + proc.stderr
-    else:
-        assert "pacs/loss" not in proc.stdout + proc.stderr
+    logs = proc.stdout + proc.stderr
+    assert ("pacs/loss" in logs) == (algorithm == "pacs")
+    assert ("critic/value_loss" in logs) == (algorithm == "ppo")
+    if algorithm == "ppo":
+        assert (out / "critic" / "config.json").exists()  # the critic is saved next to the policy
 
 
 @pytest.mark.slow

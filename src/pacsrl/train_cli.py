@@ -1,10 +1,12 @@
-"""``pacsrl train``: train a model with PACS (or TRL's GRPO) from a YAML recipe plus command-line overrides.
+"""``pacsrl train``: train a model with PACS (or GRPO, RLOO, PPO) from a YAML recipe plus command-line overrides.
 
     pacsrl train --config recipes/qwen2.5-0.5b-lora-gsm8k.yaml [--field value ...]
     pacsrl train --config recipe.yaml --algorithm grpo      # same data, rewards and logging, TRL's GRPOTrainer
+    pacsrl train --config recipe.yaml --algorithm rloo      # TRL's RLOOTrainer
+    pacsrl train --config recipe.yaml --algorithm ppo       # pacsrl's PPOTrainer (a critic, GAE)
 
 Arguments are parsed the TRL way (``TrlParser``): the YAML sets the defaults of three dataclasses
-(``TrainArguments`` below, ``PACSConfig`` or ``GRPOConfig``, and TRL's ``ModelConfig``) and any
+(``TrainArguments`` below, the algorithm's config (``pacsrl.algorithms``), and TRL's ``ModelConfig``) and any
 ``--field value`` on the command line overrides them. ``pacsrl train --help`` lists every field.
 Launch it under ``accelerate launch`` for several processes, DeepSpeed or FSDP, as any TRL script.
 """
@@ -19,6 +21,8 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from pacsrl.algorithms import ALGORITHMS
+
 logger = logging.getLogger(__name__)
 
 
@@ -28,8 +32,10 @@ class TrainArguments:
 
     algorithm: str = field(
         default="pacs",
-        metadata={"help": "'pacs' (PACSTrainer) or 'grpo' (TRL's GRPOTrainer, for a like-for-like comparison).",
-                  "choices": ["pacs", "grpo"]},
+        metadata={"help": "'pacs' (PACSTrainer), or a baseline on the same data, rewards and logging: 'grpo' (TRL's "
+                  "GRPOTrainer), 'rloo' (TRL's RLOOTrainer, beta=0 by default) or 'ppo' (pacsrl's PPOTrainer). A "
+                  "recipe's fields of another algorithm are ignored with a notice.",
+                  "choices": list(ALGORITHMS)},
     )
     train_dataset: str = field(
         default="deepscaler",
@@ -70,19 +76,19 @@ def _pre_scan(argv: list[str]) -> str:
         with open(known.config) as f:
             algorithm = (yaml.safe_load(f) or {}).get("algorithm")
     algorithm = algorithm or "pacs"
-    if algorithm not in ("pacs", "grpo"):
-        raise SystemExit(f"pacsrl train: --algorithm {algorithm!r} is not one of 'pacs', 'grpo'")
+    if algorithm not in ALGORITHMS:
+        raise SystemExit(f"pacsrl train: --algorithm {algorithm!r} is not one of {', '.join(map(repr, ALGORITHMS))}")
     return algorithm
 
 
 def parse_train_args(argv: list[str]):
-    """(TrainArguments, PACSConfig | GRPOConfig, ModelConfig) from ``argv`` (YAML via --config, then overrides)."""
-    from trl import GRPOConfig, ModelConfig, TrlParser
+    """(TrainArguments, the algorithm's config, ModelConfig) from ``argv`` (YAML via --config, then overrides)."""
+    from trl import ModelConfig, TrlParser
 
-    from pacsrl.config import PACSConfig
+    from pacsrl.algorithms import config_class, config_fields
 
     algorithm = _pre_scan(argv)
-    config_cls = PACSConfig if algorithm == "pacs" else GRPOConfig
+    config_cls = config_class(algorithm)
     parser = TrlParser((TrainArguments, config_cls, ModelConfig), prog="pacsrl train",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     *parsed, from_yaml, from_cli = parser.parse_args_and_config(
@@ -90,10 +96,15 @@ def parse_train_args(argv: list[str]):
     )
     if from_cli:
         parser.error(f"unrecognized arguments: {' '.join(from_cli)}")
-    # a recipe may hold the PACS fields of a PACS-vs-GRPO pair; GRPO ignores exactly those and nothing else
-    unknown = [s for s in from_yaml if s.startswith("--") and not (algorithm == "grpo" and s.startswith("--pacs_"))]
+    # a recipe may hold the fields of another algorithm (one recipe for a PACS-vs-baselines comparison): those are
+    # ignored with a notice; a field of no algorithm is a mistake
+    others = set().union(*(config_fields(a) for a in ALGORITHMS if a != algorithm))
+    names = [s[2:] for s in from_yaml if s.startswith("--")]
+    unknown = [n for n in names if n not in others]
     if unknown:
-        parser.error(f"unknown fields in the config file: {', '.join(u.lstrip('-') for u in unknown)}")
+        parser.error(f"unknown fields in the config file: {', '.join(unknown)}")
+    if names:
+        logger.warning("--algorithm %s ignores the recipe's fields of other algorithms: %s", algorithm, ", ".join(sorted(names)))
     train_args, config, model_args = parsed
     train_args.algorithm = algorithm
     return train_args, config, model_args
@@ -151,9 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     train_args, config, model_args = parse_train_args(argv)
 
-    from trl import GRPOTrainer, get_peft_config
+    from trl import get_peft_config
 
-    from pacsrl.trainer import PACSTrainer
+    from pacsrl.algorithms import trainer_class
 
     if model_args.model_name_or_path is None:
         raise SystemExit("pacsrl train: set model_name_or_path (a hub id or a local folder) in the recipe or "
@@ -168,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     train_ds, eval_ds = _load_data(train_args)
     if eval_ds is None and config.eval_strategy != "no":
         raise SystemExit("pacsrl train: eval_strategy is set but no eval_dataset was given")
-    trainer_cls = PACSTrainer if train_args.algorithm == "pacs" else GRPOTrainer
+    trainer_cls = trainer_class(train_args.algorithm)
     logger.info("training %s with %s on %d prompts (%s)", model_args.model_name_or_path, trainer_cls.__name__,
                 len(train_ds), train_args.train_dataset)
     trainer = trainer_cls(
