@@ -24,10 +24,13 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+# bench/significance.py, next to this file, also when this file is loaded from elsewhere (tests)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from significance import t_interval
 
 from pacsrl.demo.cli import build_parser, config_from_args
 from pacsrl.demo.config import DemoConfig, Method
@@ -39,62 +42,6 @@ logger = logging.getLogger("bench.learning")
 DEFAULT_METHODS = "pacs@0.5,pacs@1,pacs@2,pacs-noweight@0.5,pacs-noweight@1,pacs-noweight@2,grpo"
 RUNS_FILE = "runs.jsonl"
 SETTINGS_FILE = "settings.json"
-
-
-# --------------------------------------------------------------------------------------------------
-# Student-t intervals over seeds (tested against printed t-tables in tests/test_bench_stats.py)
-
-
-def _t_two_sided_cdf(t: float, df: int) -> float:
-    """P(|T| <= t) for Student's t with integer ``df`` (Abramowitz & Stegun 26.7.3-4), t >= 0."""
-    theta = math.atan(t / math.sqrt(df))
-    s, c = math.sin(theta), math.cos(theta)
-    if df % 2 == 1:
-        # (2/pi) (theta + sin cos (1 + 2/3 cos^2 + 2*4/(3*5) cos^4 + ...)), df - 2 terms in the sum
-        term, total = 1.0, 0.0
-        for j in range(1, (df - 1) // 2 + 1):
-            total += term
-            term *= c * c * (2 * j) / (2 * j + 1)
-        return 2.0 / math.pi * (theta + (s * c * total if df > 1 else 0.0))
-    term, total = 1.0, 0.0  # sin (1 + 1/2 cos^2 + 1*3/(2*4) cos^4 + ...), df/2 terms
-    for j in range(1, df // 2 + 1):
-        total += term
-        term *= c * c * (2 * j - 1) / (2 * j)
-    return s * total
-
-
-def t_quantile(confidence: float, df: int) -> float:
-    """The t such that P(|T| <= t) = ``confidence`` for Student's t with ``df`` degrees of freedom
-    (e.g. 12.706 for 95% and df=1, 4.303 for df=2, 1.96 as df grows). Bisection on the exact CDF."""
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence={confidence} must be in (0, 1)")
-    if df < 1:
-        raise ValueError(f"df={df} must be >= 1")
-    lo, hi = 0.0, 1.0
-    while _t_two_sided_cdf(hi, df) < confidence:
-        hi *= 2.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if _t_two_sided_cdf(mid, df) < confidence:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo < 1e-12:
-            break
-    return 0.5 * (lo + hi)
-
-
-def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
-    """Mean and half-width of the t confidence interval of the mean: ``mean +- t * s / sqrt(n)`` with the
-    sample standard deviation s (n - 1 in the denominator). One value gives a half-width of NaN (unknown)."""
-    n = len(values)
-    if n == 0:
-        raise ValueError("t_interval needs at least one value")
-    mean = math.fsum(values) / n
-    if n == 1:
-        return mean, math.nan
-    sd = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
-    return mean, t_quantile(confidence, n - 1) * sd / math.sqrt(n)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,19 +1,16 @@
-"""The learning benchmark's Student-t intervals over seeds (``bench/learning.py``), against printed t-tables and
-hand-worked values."""
+"""The benchmarks' Student-t intervals over seeds (``bench/significance.py``, used by ``bench/learning.py`` and
+``bench/study.py``), against printed t-tables and hand-worked values."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
+import sys
 from pathlib import Path
 
 import pytest
 
-_path = Path(__file__).resolve().parents[1] / "bench" / "learning.py"
-_spec = importlib.util.spec_from_file_location("bench_learning", _path)
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
-t_interval, t_quantile = bench.t_interval, bench.t_quantile
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from significance import t_interval, t_quantile
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,5 @@
 """What the demo trains and evaluates on: the starting checkpoint (``load_policy``), the task's splits and reward
-(``load_data``), and its evaluation (``evaluate``, ``curve_pass1``, ``HeldOutCurveCallback``).
+(``load_data``), and its evaluation (``evaluate``, ``curve_point``, ``HeldOutCurveCallback``).
 
 Every evaluation samples with a fixed seed and restores the global RNG afterwards, so the base model and every
 trained model are scored on the same problems with the same random numbers, and an evaluation in the middle of
@@ -121,7 +121,7 @@ def evaluate(
             torch.cuda.set_rng_state_all(cuda_states)
 
 
-def curve_pass1(
+def curve_point(
     model: Any,
     tokenizer: Any,
     dataset: Dataset,
@@ -129,9 +129,9 @@ def curve_pass1(
     reward_fn: Callable[..., list[float]],
     *,
     name: str,
-) -> float:
-    """One point of the held-out pass@1 curve: ``config.curve_samples`` samples per problem of ``dataset``, with
-    ``evaluate`` (so every point uses the same problems and seed), no progress bar."""
+) -> dict[str, float]:
+    """One point of the held-out curve: pass@k for k = 1, 2, 4, ..., ``config.curve_samples`` from that many samples
+    per problem of ``dataset``, with ``evaluate`` (so every point uses the same problems and seed), no progress bar."""
     result = evaluate(
         model,
         tokenizer,
@@ -142,12 +142,25 @@ def curve_pass1(
         reward_fn=reward_fn,
         progress=False,
     )
-    return result.metrics["all"]["pass@1"]
+    return {k: v for k, v in result.metrics["all"].items() if k.startswith("pass@")}
+
+
+def curve_pass1(
+    model: Any,
+    tokenizer: Any,
+    dataset: Dataset,
+    config: DemoConfig,
+    reward_fn: Callable[..., list[float]],
+    *,
+    name: str,
+) -> float:
+    """The held-out pass@1 of ``curve_point``."""
+    return curve_point(model, tokenizer, dataset, config, reward_fn, name=name)["pass@1"]
 
 
 class HeldOutCurveCallback(TrainerCallback):
-    """Measures held-out pass@1 every ``every`` optimizer steps (and at the last one) on the main process, with
-    ``evaluate`` (same problems, same seed each time); each point goes to ``on_point(step, pass@1)``."""
+    """Measures held-out pass@k every ``every`` optimizer steps (and at the last one) on the main process, with
+    ``curve_point`` (same problems, same seed each time); each point goes to ``on_point(step, {"pass@1": ...})``."""
 
     def __init__(
         self,
@@ -155,7 +168,7 @@ class HeldOutCurveCallback(TrainerCallback):
         dataset: Dataset,
         config: DemoConfig,
         reward_fn: Callable[..., list[float]],
-        on_point: Callable[[int, float], None],
+        on_point: Callable[[int, dict[str, float]], None],
         every: int | None = None,
     ):
         self.tokenizer, self.dataset, self.config, self.reward_fn = tokenizer, dataset, config, reward_fn
@@ -168,11 +181,19 @@ class HeldOutCurveCallback(TrainerCallback):
         if not state.is_world_process_zero or (step % self.every != 0 and step != state.max_steps):
             return
         started = time.perf_counter()
-        pass1 = curve_pass1(
+        point = curve_point(
             model, self.tokenizer, self.dataset, self.config, self.reward_fn, name=f"step {step}"
         )
         self.seconds += time.perf_counter() - started
-        self.on_point(step, pass1)
+        self.on_point(step, point)
 
 
-__all__ = ["DemoData", "HeldOutCurveCallback", "curve_pass1", "evaluate", "load_data", "load_policy"]
+__all__ = [
+    "DemoData",
+    "HeldOutCurveCallback",
+    "curve_pass1",
+    "curve_point",
+    "evaluate",
+    "load_data",
+    "load_policy",
+]

@@ -22,7 +22,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from pacsrl.demo.config import DemoConfig, Method
-from pacsrl.demo.evaluation import DemoData, HeldOutCurveCallback, curve_pass1, evaluate, load_policy
+from pacsrl.demo.evaluation import DemoData, HeldOutCurveCallback, curve_point, evaluate, load_policy
 
 logger = logging.getLogger(__name__)
 
@@ -137,11 +137,14 @@ def train_and_evaluate(
     start_point: float | None = None,
     on_update: Callable[[MethodResult], None] | None = None,
 ) -> MethodResult:
-    """Train a fresh copy of the starting checkpoint with ``method``, tracking held-out pass@1, then evaluate it.
+    """Train a fresh copy of the starting checkpoint with ``method``, tracking held-out pass@k, then evaluate it.
+
+    Each curve point is ``{"step": s, "pass@1": ..., "pass@2": ..., ..., "pass@<curve_samples>": ...}``.
 
     Args:
-        start_point: held-out pass@1 of the starting model on ``data.curve`` (step 0 of the curve); measured
-            here when None (pass the base model's to share it between methods).
+        start_point: held-out pass@1 of the starting model on ``data.curve`` (step 0 of the curve, which then
+            holds pass@1 only); measured here, every k, when None (pass the base model's to share it between
+            methods).
         on_update: called with the partial result after every curve point and at the end (to save it).
     """
     from trl import GRPOTrainer
@@ -156,22 +159,23 @@ def train_and_evaluate(
         if on_update is not None:
             on_update(result)
 
-    def on_point(step: int, pass1: float) -> None:
-        result.curve.append({"step": step, "pass@1": pass1})
+    def on_point(step: int, point: dict[str, float]) -> None:
+        result.curve.append({"step": step, **point})
         logger.info(
             "%s step %d/%d: held-out pass@1 %.3f (%d problems x %d)",
             method.name,
             step,
             config.steps,
-            pass1,
+            point["pass@1"],
             len(data.curve),
             config.curve_samples,
         )
         update()
 
     if start_point is None:
-        start_point = curve_pass1(model, tokenizer, data.curve, config, data.reward_fn, name="start")
-    on_point(0, start_point)
+        on_point(0, curve_point(model, tokenizer, data.curve, config, data.reward_fn, name="start"))
+    else:
+        on_point(0, {"pass@1": start_point})
 
     args = trainer_config(method, config, output_dir)
     trainer_cls = PACSTrainer if method.algorithm == "pacs" else GRPOTrainer

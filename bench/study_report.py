@@ -1,0 +1,343 @@
+"""The learning study's report (``bench/study.py``): ``results.md`` and four plots from the runs so far.
+
+- ``results.md``: what is finished (labelled partial until every run is in), the base model's evaluation at each
+  sampling seed (its noise), final pass@k per method (mean and 95% t-interval over seeds), the paired differences
+  against GRPO and against PPO for each k (mean, 95% t-interval, exact sign-test and Wilcoxon p-values; significant
+  only when the interval excludes zero), and the steps each method needs to reach GRPO's final held-out pass@1;
+- ``curves.png``: held-out pass@1 and pass@n over training, mean and 95% t band per method;
+- ``pass_at_k.png``: final pass@k against k (log axis) per method, with 95% intervals;
+- ``entropy.png``: the policy's mean token entropy over training (training rollouts), mean and 95% band;
+- ``paired.png``: per-seed paired differences (a dot per seed) against each reference, for k = 1, 8 and n.
+
+Every pass@k is a percentage here (the runs file holds fractions).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from significance import median_steps, paired_difference, steps_to_reach, t_interval
+
+from pacsrl.demo.config import Method
+
+BASE = "base"
+REFERENCES = ("grpo", "ppo")
+PLOTS = ("curves.png", "pass_at_k.png", "entropy.png", "paired.png")
+
+
+def method_names(specs: Sequence[str]) -> list[str]:
+    return [Method.parse(s).name for s in specs]
+
+
+def _reference_names(specs: Sequence[str]) -> list[str]:
+    """GRPO and PPO, those of them in the study."""
+    return [Method.parse(r).name for r in REFERENCES if r in specs]
+
+
+def _ks(runs: Sequence[dict[str, Any]]) -> list[int]:
+    return sorted({int(k.removeprefix("pass@")) for r in runs for k in r["eval"]})
+
+
+def _by_seed(runs: Sequence[dict[str, Any]], name: str, key: str) -> dict[int, float]:
+    return {r["seed"]: 100 * r["eval"][key] for r in runs if r["method"] == name and key in r["eval"]}
+
+
+def _cell(values: Sequence[float]) -> str:
+    if not values:
+        return "-"
+    mean, half = t_interval(values)
+    return f"{mean:.1f}" + ("" if math.isnan(half) else f" ± {half:.1f}")
+
+
+def _p(p: float) -> str:
+    return "-" if math.isnan(p) else f"{p:.3f}"
+
+
+def status_lines(runs: Sequence[dict[str, Any]], args: Any) -> list[str]:
+    """Which runs are finished: one line per method, and 'partial' unless every run is in."""
+    expected = len(args.base_seed_list) + len(args.seed_list) * len(args.method_specs)
+    lines = []
+    for name, seeds in [(BASE, args.base_seed_list)] + [
+        (n, args.seed_list) for n in method_names(args.method_specs)
+    ]:
+        have = sorted(r["seed"] for r in runs if r["method"] == name)
+        lines.append(f"- {name}: seeds {have or '[]'} of {seeds}")
+    head = (
+        f"**Complete:** all {expected} runs are in."
+        if len(runs) >= expected
+        else f"**PARTIAL: {len(runs)} of {expected} runs finished**; the study resumes with the same command. "
+        "Differences below use the seeds that both methods have finished."
+    )
+    return [head, "", *lines]
+
+
+def final_table(runs: Sequence[dict[str, Any]], names: Sequence[str], ks: Sequence[int]) -> str:
+    lines = [
+        "| method | seeds | " + " | ".join(f"pass@{k}" for k in ks) + " |",
+        "|---|---:|" + "---:|" * len(ks),
+    ]
+    for name in names:
+        seeds = _by_seed(runs, name, "pass@1")
+        if not seeds:
+            continue
+        cells = [_cell(list(_by_seed(runs, name, f"pass@{k}").values())) for k in ks]
+        lines.append(f"| {name} | {len(seeds)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def base_noise_table(runs: Sequence[dict[str, Any]], ks: Sequence[int]) -> str:
+    base = sorted((r for r in runs if r["method"] == BASE), key=lambda r: r["seed"])
+    if not base:
+        return "(no base evaluation yet)\n"
+    lines = ["| sampling seed | " + " | ".join(f"pass@{k}" for k in ks) + " |", "|---:|" + "---:|" * len(ks)]
+    for r in base:
+        lines.append(
+            f"| {r['seed']} | " + " | ".join(f"{100 * r['eval'][f'pass@{k}']:.2f}" for k in ks) + " |"
+        )
+    if len(base) >= 2:
+        spread = [
+            max(100 * r["eval"][f"pass@{k}"] for r in base) - min(100 * r["eval"][f"pass@{k}"] for r in base)
+            for k in ks
+        ]
+        lines.append("| max - min | " + " | ".join(f"{s:.2f}" for s in spread) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def paired_table(
+    runs: Sequence[dict[str, Any]], names: Sequence[str], reference: str, ks: Sequence[int]
+) -> str:
+    """Rows: method x k; the per-seed differences method - reference, in points."""
+    lines = [
+        "| method | k | seeds | mean difference (points) | 95% t-interval | wins | sign p | Wilcoxon p | significant |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---|",
+    ]
+    for name in names:
+        if name == reference:
+            continue
+        for k in ks:
+            a, b = _by_seed(runs, name, f"pass@{k}"), _by_seed(runs, reference, f"pass@{k}")
+            if len(set(a) & set(b)) < 2:
+                continue
+            d = paired_difference(a, b)
+            lines.append(
+                f"| {name} | {k} | {d.n} | {d.mean:+.2f} | [{d.low:+.2f}, {d.high:+.2f}] | {d.wins}/{d.n} | "
+                f"{_p(d.sign_p)} | {_p(d.wilcoxon_p)} | {'yes' if d.significant else 'no'} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _curve(run: dict[str, Any], key: str) -> list[tuple[int, float]]:
+    return [(p["step"], 100 * p[key]) for p in run.get("curve", []) if key in p]
+
+
+def reach_table(runs: Sequence[dict[str, Any]], names: Sequence[str], reference: str) -> str:
+    """Per method: at which curve step the held-out pass@1 first reaches the reference's final curve value of the
+    same seed; median over seeds (a seed that never reaches counts as never)."""
+    targets = {
+        r["seed"]: _curve(r, "pass@1")[-1][1] for r in runs if r["method"] == reference and r.get("curve")
+    }
+    lines = ["| method | seeds | median step | per seed (step, - = never) |", "|---|---:|---:|---|"]
+    for name in names:
+        steps = {
+            r["seed"]: steps_to_reach(_curve(r, "pass@1"), targets[r["seed"]])
+            for r in runs
+            if r["method"] == name and r["seed"] in targets and r.get("curve")
+        }
+        if not steps:
+            continue
+        median = median_steps(list(steps.values()))
+        per_seed = ", ".join(f"{s}: {'-' if v is None else v}" for s, v in sorted(steps.items()))
+        lines.append(
+            f"| {name} | {len(steps)} | {'never' if median is None else f'{median:g}'} | {per_seed} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_report(runs: Sequence[dict[str, Any]], args: Any, config: Any, output: Path) -> Path:
+    """Write ``results.md`` and the plots for the runs of this study in ``runs``; returns the results path."""
+    names = method_names(args.method_specs)
+    runs = [
+        r
+        for r in runs
+        if (r["method"] == BASE and r["seed"] in args.base_seed_list)
+        or (r["method"] in names and r["seed"] in args.seed_list)
+    ]
+    ks = _ks(runs)
+    budget = config.steps * config.prompts_per_step * config.num_generations
+    text = [
+        "# Learning study: PACS against the baselines, paired seeds",
+        "",
+        f"`{args.command}`",
+        "",
+        *status_lines(runs, args),
+        "",
+        (
+            f"Task `{config.task}` {config.resolved_task_config()}, the shipped demo model. Each run: {config.steps} "
+            f"optimizer steps x {config.prompts_per_step} prompts x {config.num_generations} completions = {budget} "
+            f"samples, {config.updates_per_rollout} optimizer steps per rollout, lr {config.learning_rate} constant, "
+            f"rollout temperature {config.temperature}; PACS beta {config.pacs_beta}; GRPO loss_type "
+            f"'{config.grpo_loss_type}', KL beta 0. Final evaluation: {config.eval_size} held-out problems x "
+            f"{config.eval_samples} samples at temperature {config.eval_temperature}, sampling seed = the run's seed. "
+            f"Curves: the first {config.curve_size} of them x {config.curve_samples} samples every "
+            f"{config.curve_every} steps. pass@k in percent; intervals are 95% Student-t over seeds."
+        ),
+        "",
+        "## Base model, evaluated at each sampling seed (the evaluation's own noise)",
+        "",
+        base_noise_table(runs, ks),
+        "## Final held-out pass@k (mean ± 95% t half-width over seeds)",
+        "",
+        final_table(runs, [BASE, *names], ks) if ks else "(no run finished yet)\n",
+    ]
+    for reference in _reference_names(args.method_specs):
+        text += [
+            f"## Paired differences against {reference} (method - {reference}, per seed)",
+            "",
+            paired_table(runs, names, reference, ks),
+            f"## Steps to reach {reference}'s final held-out pass@1 (curve problems, same seed)",
+            "",
+            reach_table(runs, names, reference),
+        ]
+    text += [f"![{p}]({p})" for p in PLOTS] + [""]
+    plot_all(runs, [BASE, *names], _reference_names(args.method_specs), ks, config, output)
+    path = output / "results.md"
+    path.write_text("\n".join(text), encoding="utf-8")
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Plots
+
+
+def _band(
+    series: Sequence[Sequence[tuple[int, float]]],
+) -> tuple[list[int], list[float], list[float], list[float]]:
+    """Mean and 95% t band over seeds at each step every series has."""
+    steps = sorted(set.intersection(*[{s for s, _ in c} for c in series])) if series else []
+    xs, means, lows, highs = [], [], [], []
+    for step in steps:
+        values = [v for c in series for s, v in c if s == step]
+        mean, half = t_interval(values)
+        half = 0.0 if math.isnan(half) else half
+        xs.append(step)
+        means.append(mean)
+        lows.append(mean - half)
+        highs.append(mean + half)
+    return xs, means, lows, highs
+
+
+def _line(
+    ax: Any, series: Sequence[Sequence[tuple[int, float]]], label: str, color: str, marker: str | None
+) -> None:
+    xs, means, lows, highs = _band(series)
+    if xs:
+        ax.plot(xs, means, color=color, label=f"{label} ({len(series)})", marker=marker, markersize=3)
+        ax.fill_between(xs, lows, highs, color=color, alpha=0.15)
+
+
+def plot_all(
+    runs: Sequence[dict[str, Any]],
+    names: Sequence[str],
+    references: Sequence[str],
+    ks: Sequence[int],
+    config: Any,
+    output: Path,
+) -> None:
+    from matplotlib.figure import Figure
+
+    colors = {name: f"C{i % 10}" for i, name in enumerate(names)}
+    trained = [n for n in names if n != BASE]
+    top = f"pass@{config.curve_samples}"
+
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    for ax, key in zip(fig.subplots(1, 2), ("pass@1", top)):
+        for name in trained:
+            _line(
+                ax,
+                [_curve(r, key) for r in runs if r["method"] == name and _curve(r, key)],
+                name,
+                colors[name],
+                "o",
+            )
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(f"held-out {key} (%), curve problems")
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, title="method (seeds)", title_fontsize=8)
+    fig.savefig(output / "curves.png", dpi=110)
+
+    fig = Figure(figsize=(6, 4.2), layout="constrained")
+    ax = fig.subplots()
+    for name in names:
+        points = [(k, list(_by_seed(runs, name, f"pass@{k}").values())) for k in ks]
+        points = [(k, t_interval(v)) for k, v in points if v]
+        if points:
+            ax.errorbar(
+                [k for k, _ in points],
+                [m for _, (m, _) in points],
+                yerr=[0.0 if math.isnan(h) else h for _, (_, h) in points],
+                color=colors[name],
+                marker="o",
+                markersize=3,
+                capsize=2,
+                label=name,
+                linestyle="--" if name == BASE else "-",
+            )
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("k")
+    ax.set_ylabel("final held-out pass@k (%)")
+    ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.savefig(output / "pass_at_k.png", dpi=110)
+
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.subplots()
+    for name in trained:
+        series = [
+            [(h["step"], h["entropy"]) for h in r.get("log", []) if "entropy" in h]
+            for r in runs
+            if r["method"] == name
+        ]
+        _line(ax, [s for s in series if s], name, colors[name], None)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("mean token entropy of the rollouts (nats)")
+    ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, title="method (seeds)", title_fontsize=8)
+    fig.savefig(output / "entropy.png", dpi=110)
+
+    shown_ks = sorted({k for k in (1, 8, ks[-1] if ks else 1) if k in ks})
+    rows = max(1, len(references))
+    fig = Figure(figsize=(4 * max(1, len(shown_ks)), 3.2 * rows), layout="constrained")
+    axes = fig.subplots(rows, max(1, len(shown_ks)), squeeze=False)
+    for i, reference in enumerate(references):
+        others = [n for n in trained if n != reference]
+        for j, k in enumerate(shown_ks):
+            ax = axes[i][j]
+            for x, name in enumerate(others):
+                a, b = _by_seed(runs, name, f"pass@{k}"), _by_seed(runs, reference, f"pass@{k}")
+                seeds = sorted(set(a) & set(b))
+                if not seeds:
+                    continue
+                diffs = [a[s] - b[s] for s in seeds]
+                jitter = [x + 0.25 * ((n % 5) - 2) / 2 for n in range(len(diffs))]
+                ax.scatter(jitter, diffs, color=colors[name], s=14, alpha=0.8)
+                mean, half = t_interval(diffs)
+                ax.errorbar(
+                    [x + 0.35],
+                    [mean],
+                    yerr=[0.0 if math.isnan(half) else half],
+                    color="black",
+                    marker="_",
+                    markersize=10,
+                    capsize=3,
+                )
+            ax.axhline(0, color="grey", linewidth=1)
+            ax.set_xticks(range(len(others)), others, rotation=20, ha="right", fontsize=8)
+            ax.set_title(f"pass@{k}: method - {reference} (points)", fontsize=9)
+            ax.grid(True, axis="y", alpha=0.3)
+    fig.savefig(output / "paired.png", dpi=110)

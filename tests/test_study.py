@@ -1,0 +1,217 @@
+"""The learning study (``bench/study.py``): its paired statistics against hand-worked values and brute-force
+enumerations, its append-only runs file, and the whole study at smoke size."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import significance
+import study
+
+# --------------------------------------------------------------------------------------------------
+# Sign test
+
+
+def _sign_p_brute_force(differences):
+    """Enumerate every +/- pattern of the non-zero differences (each 1/2^n under the null) and count those whose
+    number of pluses is at least as far from n/2 as the observed one."""
+    nonzero = [d for d in differences if d != 0]
+    n = len(nonzero)
+    observed = abs(sum(d > 0 for d in nonzero) - n / 2)
+    patterns = list(itertools.product((0, 1), repeat=n))
+    return sum(abs(sum(p) - n / 2) >= observed for p in patterns) / len(patterns)
+
+
+@pytest.mark.parametrize(
+    ("differences", "expected"),
+    [
+        ([1] * 8, 2 / 256),  # 8 of 8 positive: P(X=8) + P(X=0) = 2/256 = 0.0078125
+        ([1] * 7 + [-1], 18 / 256),  # 7 of 8: 2 (1 + 8) / 256 = 0.0703125
+        ([1] * 6 + [-1] * 2, 74 / 256),  # 6 of 8: 2 (1 + 8 + 28) / 256 = 0.2890625
+        ([1] * 4 + [-1] * 4, 1.0),  # balanced: every pattern is as extreme
+        ([1, 1, 1, 0, 0], 2 / 8),  # zeros dropped: 3 of 3 positive, 2/8
+        ([0, 0], 1.0),  # nothing left
+    ],
+)
+def test_sign_test_hand_values(differences, expected):
+    assert significance.sign_test_p(differences) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 8, 9, 12])
+def test_sign_test_matches_brute_force(n):
+    for positives in range(n + 1):
+        differences = [0.5] * positives + [-0.25] * (n - positives)
+        assert significance.sign_test_p(differences) == pytest.approx(
+            _sign_p_brute_force(differences), abs=1e-12
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Wilcoxon signed-rank test
+
+
+def test_wilcoxon_hand_values():
+    # all 8 positive: only W+ = 36 and W+ = 0 are as extreme -> 2/256
+    assert significance.wilcoxon_p([0.1 * i for i in range(1, 9)]) == pytest.approx(2 / 256)
+    # ranks 1..7 positive, 8 negative: W+ = 28, W- = 8. Subsets of {1..8} with sum <= 8 (sum 0: {}; 1; 2; 3: {3},
+    # {1,2}; 4: {4},{1,3}; 5: 3 sets; 6: 4; 7: 5; 8: 6) number 1+1+1+2+2+3+4+5+6 = 25, so P(W- <= 8) = 25/256
+    # (0.0977, the printed table's one-sided value for n=8, T=8) and the two-sided p is 50/256
+    assert significance.wilcoxon_p([1, 2, 3, 4, 5, 6, 7, -8]) == pytest.approx(50 / 256)
+    # n=10, T=8: the same 25 subsets (9 and 10 exceed 8): 50/1024 = 0.0488, just under the table's 0.05 cut-off
+    assert significance.wilcoxon_p([1, 2, 3, 4, 5, 6, 7, -8, 9, 10]) == pytest.approx(50 / 1024)
+    # ties: |d| = 1, 1, 2, 2 get mid-ranks 1.5, 1.5, 3.5, 3.5; W+ = 1.5 + 3.5 + 3.5 = 8.5 of 10, centre 5.
+    # As extreme (W+ >= 8.5 or <= 1.5): {all} 10, two sets of 8.5, {} 0, two sets of 1.5 -> 6/16
+    assert significance.wilcoxon_p([1, -1, 2, 2]) == pytest.approx(6 / 16)
+    # |d| = 1, 2, 3, 3: ranks 1, 2 and mid-rank 3.5 twice; W+ = 3.5 + 3.5 = 7, centre 5. As extreme (W+ <= 3 or
+    # >= 7): {}, {1}, {2}, {1,2} and {3.5,3.5}, {1,3.5,3.5}, {2,3.5,3.5}, all -> 8/16 (the lowest rank, 3, for
+    # both tied ones would give 12/16; ranks 3 and 4 in input order 10/16)
+    assert significance.wilcoxon_p([-1, -2, 3, 3]) == pytest.approx(8 / 16)
+    assert significance.wilcoxon_p([0, 0, 0]) == 1.0
+    assert significance.wilcoxon_p([0, 3, 0]) == pytest.approx(1.0)  # one non-zero: W+ = 1 or 0, both extreme
+    assert math.isnan(significance.wilcoxon_p(list(range(1, significance.WILCOXON_EXACT_MAX + 2))))
+
+
+# --------------------------------------------------------------------------------------------------
+# Paired difference, steps to reach
+
+
+def test_paired_difference_hand_worked():
+    # differences a - b = 0.01, 0.03, 0.02, 0.04 (seed 9 only in a: left out). Mean 0.025; deviations -0.015, 0.005,
+    # -0.005, 0.015, sum of squares 0.0005, sd sqrt(0.0005 / 3) = 0.0129099; t(0.975, 3) = 3.182446;
+    # half-width 3.182446 * 0.0129099 / 2 = 0.0205427, interval [0.00446, 0.04554] excludes 0
+    a = {0: 0.21, 1: 0.33, 2: 0.22, 3: 0.44, 9: 0.5}
+    b = {0: 0.20, 1: 0.30, 2: 0.20, 3: 0.40}
+    d = significance.paired_difference(a, b)
+    assert d.seeds == (0, 1, 2, 3)
+    assert d.mean == pytest.approx(0.025, abs=1e-12)
+    assert d.half_width == pytest.approx(3.182446305284263 * math.sqrt(0.0005 / 3) / 2, abs=1e-9)
+    assert d.low == pytest.approx(0.0044573, abs=1e-6)
+    assert d.significant and d.wins == 4
+    assert d.sign_p == pytest.approx(2 / 16) and d.wilcoxon_p == pytest.approx(2 / 16)
+    # swapped: the same interval mirrored, still significant (below zero)
+    e = significance.paired_difference(b, a)
+    assert e.mean == pytest.approx(-0.025) and e.significant and e.wins == 0
+    # differences 0.01, -0.01, 0.02: mean 0.00667, sd 0.01528, half 4.3027 * 0.01528 / sqrt(3) = 0.0379 -> not
+    noisy = significance.paired_difference({0: 0.11, 1: 0.09, 2: 0.12}, {0: 0.1, 1: 0.1, 2: 0.1})
+    assert noisy.half_width == pytest.approx(
+        4.302652729911275 * math.sqrt(0.0007 / 3) / math.sqrt(3), abs=1e-9
+    )
+    assert not noisy.significant
+    with pytest.raises(ValueError, match="share no seed"):
+        significance.paired_difference({0: 1.0}, {1: 1.0})
+
+
+def test_steps_to_reach_and_median():
+    curve = [(0, 0.2), (25, 0.28), (50, 0.31), (75, 0.30)]
+    assert significance.steps_to_reach(curve, 0.3) == 50  # first step at or above, not the last
+    assert significance.steps_to_reach(curve, 0.2) == 0
+    assert significance.steps_to_reach(curve, 0.32) is None
+    assert significance.median_steps([50, 25, None]) == 50  # sorted 25, 50, never
+    assert significance.median_steps([50, 100]) == 75
+    assert significance.median_steps([50, None, None]) is None
+    assert significance.median_steps([50, None]) is None  # the median falls between 50 and never
+
+
+# --------------------------------------------------------------------------------------------------
+# The runs file
+
+
+def test_runs_file_tolerates_a_truncated_line_and_appends_after_it(tmp_path):
+    path = tmp_path / "runs.jsonl"
+    study.append_run(path, {"method": "GRPO", "spec": "grpo", "seed": 0})
+    with path.open("a") as f:
+        f.write('{"method": "PACS", "spec": "pacs", "se')  # a write cut short by a kill
+    assert [r["seed"] for r in study.read_runs(path)] == [0]
+    study.append_run(path, {"method": "PACS", "spec": "pacs", "seed": 1})
+    assert [(r["spec"], r["seed"]) for r in study.read_runs(path)] == [("grpo", 0), ("pacs", 1)]
+
+
+def test_pending_jobs_skip_finished_runs_seed_by_seed():
+    args, _ = study.parse_args(["--smoke", "--methods", "pacs,grpo", "--seeds", "0,1", "--base-seeds", "0"])
+    runs = [{"spec": "base", "seed": 0}, {"spec": "grpo", "seed": 0}]
+    assert [(j.spec, j.seed) for j in study.pending_jobs(args, runs)] == [
+        ("pacs", 0),
+        ("pacs", 1),
+        ("grpo", 1),
+    ]
+
+
+def test_command_line_mistakes_are_one_line(capsys):
+    for argv, words in (
+        (["--seed", "3"], "--seed"),
+        (["--methods", "pacs,pacs"], "each method once"),
+        (["--methods", "ppoo"], "ppoo"),
+        (["--seeds", "0"], "two or more seeds"),
+        (["--jobs", "0"], "--jobs 0"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            study.parse_args(argv)
+        assert exit_info.value.code == 2
+        assert words in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole study at smoke size
+
+
+@pytest.mark.slow
+def test_smoke_study_runs_in_parallel_and_resumes(tmp_path, caplog):
+    command = [
+        sys.executable,
+        str(BENCH / "study.py"),
+        "--smoke",
+        "--methods",
+        "pacs,grpo",
+        "--seeds",
+        "0,1",
+        "--base-seeds",
+        "0,1",
+        "--output",
+        str(tmp_path),
+    ]
+    first = subprocess.run(
+        [*command, "--jobs", "2"], check=False, capture_output=True, text=True, timeout=600
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+    runs = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    assert sorted((r["method"], r["seed"]) for r in runs) == [
+        ("GRPO", 0),
+        ("GRPO", 1),
+        ("PACS", 0),
+        ("PACS", 1),
+        ("base", 0),
+        ("base", 1),
+    ]
+    assert "[6/6]" in first.stderr and "ETA done" in first.stderr
+    for r in runs:
+        assert set(r["eval"]) == {"pass@1", "pass@2", "pass@4"}
+        if r["method"] != "base":
+            assert [p["step"] for p in r["curve"]] == [0, 2, 4]
+            assert all(set(p) == {"step", "pass@1", "pass@2", "pass@4"} for p in r["curve"])
+            assert any("entropy" in h for h in r["log"])
+    results = (tmp_path / "results.md").read_text()
+    assert "Complete" in results and "Paired differences against GRPO" in results
+    for plot in ("curves.png", "pass_at_k.png", "entropy.png", "paired.png"):
+        assert (tmp_path / plot).stat().st_size > 0
+
+    # a rerun (in this process: nothing is trained) has nothing to do, also after a cut-short line; one more seed
+    # would add only its runs
+    with (tmp_path / "runs.jsonl").open("a") as f:
+        f.write('{"method": "PACS", "se')
+    with caplog.at_level(logging.INFO, logger="bench.study"):
+        assert study.main(command[2:] + ["--jobs", "1"]) == 0
+    assert "0 of 6 runs to do" in caplog.text and "not a whole record" in caplog.text
+    args, _ = study.parse_args([*command[2:], "--seeds", "0,1,2"])
+    pending = study.pending_jobs(args, study.read_runs(tmp_path / "runs.jsonl"))
+    assert [(j.spec, j.seed) for j in pending] == [("pacs", 2), ("grpo", 2)]
