@@ -211,17 +211,24 @@ def append_run(path: Path, record: dict[str, Any]) -> None:
 
 
 def check_settings(output: Path, settings: dict[str, Any]) -> None:
-    """Write ``settings.json``, or refuse if the folder holds runs made with other settings."""
+    """Write ``settings.json``, or refuse if the folder holds runs made with other settings.
+
+    A setting that the folder's runs predate (a ``DemoConfig`` field added since, e.g. for a new method) is added
+    to ``settings.json`` at its current value: its default leaves the earlier methods as they were."""
     path = output / SETTINGS_FILE
-    if path.exists():
-        old = json.loads(path.read_text())
-        if old != settings:
-            changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-            raise SystemExit(
-                f"{output} holds runs made with other settings ({', '.join(changed)}); choose another --output"
-            )
-    else:
+    if not path.exists():
         path.write_text(json.dumps(settings, indent=2) + "\n")
+        return
+    old = json.loads(path.read_text())
+    changed = sorted(k for k in set(old) & set(settings) if old[k] != settings[k])
+    if changed:
+        raise SystemExit(
+            f"{output} holds runs made with other settings ({', '.join(changed)}); choose another --output"
+        )
+    added = sorted(set(settings) - set(old))
+    if added:
+        logger.info("settings new since the runs in %s: %s", output, ", ".join(added))
+        path.write_text(json.dumps({**old, **{k: settings[k] for k in added}}, indent=2) + "\n")
 
 
 def study_settings(config: DemoConfig) -> dict[str, Any]:

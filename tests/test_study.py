@@ -137,6 +137,21 @@ def test_runs_file_tolerates_a_truncated_line_and_appends_after_it(tmp_path):
     assert [(r["spec"], r["seed"]) for r in study.read_runs(path)] == [("grpo", 0), ("pacs", 1)]
 
 
+def test_settings_guard_refuses_changed_settings_and_records_new_ones(tmp_path):
+    study.check_settings(tmp_path, {"steps": 150, "learning_rate": 3e-4})
+    with pytest.raises(SystemExit, match="other settings \\(steps\\)"):
+        study.check_settings(tmp_path, {"steps": 100, "learning_rate": 3e-4})
+    # a field added to DemoConfig since (for a new method) is recorded, not refused
+    study.check_settings(tmp_path, {"steps": 150, "learning_rate": 3e-4, "ppo_value_lr": 1e-3})
+    assert json.loads((tmp_path / "settings.json").read_text()) == {
+        "steps": 150,
+        "learning_rate": 3e-4,
+        "ppo_value_lr": 1e-3,
+    }
+    with pytest.raises(SystemExit, match="ppo_value_lr"):
+        study.check_settings(tmp_path, {"steps": 150, "learning_rate": 3e-4, "ppo_value_lr": 1e-2})
+
+
 def test_pending_jobs_skip_finished_runs_seed_by_seed():
     args, _ = study.parse_args(["--smoke", "--methods", "pacs,grpo", "--seeds", "0,1", "--base-seeds", "0"])
     runs = [{"spec": "base", "seed": 0}, {"spec": "grpo", "seed": 0}]
