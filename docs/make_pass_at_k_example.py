@@ -1,8 +1,8 @@
 """Regenerate the README's pass@k example: ``docs/pass_at_k_example.png`` and ``docs/pass_at_k_example.md``.
 
 A tiny comparison that runs offline on a CPU in seconds: one tiny random Qwen2 (char-level tokenizer,
-built here, nothing downloaded) sampled at two temperatures, n=16 samples per problem, on two toy
-benchmarks of one-digit answers. The toy scorer counts a sample as correct when the answer digit is
+built by ``tests/tiny.py``, nothing downloaded) sampled at two temperatures, n=16 samples per problem,
+on two toy benchmarks of one-digit answers. The toy scorer counts a sample as correct when the answer digit is
 its first character (``toy-first``) or appears anywhere in it (``toy-any``). The numbers mean nothing
 about math; the example shows the table and plot that ``pacsrl eval --compare`` writes, and the usual
 shape of pass@k curves: two samplers level at k=1 can part as k grows, the hotter one covering more
@@ -14,48 +14,37 @@ answers.
 from __future__ import annotations
 
 import random
+import sys
 from pathlib import Path
 
-import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import PreTrainedTokenizerFast, Qwen2ForCausalLM
 
 from pacsrl.eval import evaluate_model, markdown_table, plot_pass_at_k
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+from tiny import build_model, build_tokenizer  # the repository's one tiny-model builder (tests/tiny.py)
+
 N = 16  # samples per problem
 PROBLEMS_PER_BENCHMARK = 24
 TEMPERATURES = {"T=0.6": 0.6, "T=1.2": 1.2}
 
 
 def tiny_model() -> tuple[Qwen2ForCausalLM, PreTrainedTokenizerFast]:
-    specials = ["<pad>", "</s>", "<unk>"]
-    chars = list("0123456789+=?[]:abcdefghijklmnopqrstuvwxyz ")
-    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + chars)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
-    )
-    tokenizer.chat_template = (
-        "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
-        "{% if add_generation_prompt %}[assistant]{% endif %}"
-    )
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=len(specials) + len(chars),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
+    tokenizer = build_tokenizer(list("0123456789+=?[]:abcdefghijklmnopqrstuvwxyz "), chat="brackets")
+    model = build_model(
+        tokenizer,
+        seed=0,
+        hidden=32,
+        layers=2,
         num_attention_heads=2,
         num_key_value_heads=1,
         max_position_embeddings=64,
         initializer_range=0.15,  # peaked next-token distributions, so that temperature matters
-        pad_token_id=0,
-        eos_token_id=1,
+        tie_word_embeddings=False,
         bos_token_id=1,
     )
-    return Qwen2ForCausalLM(config), tokenizer
+    return model, tokenizer
 
 
 def toy_problems() -> list[dict]:

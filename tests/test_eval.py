@@ -34,6 +34,7 @@ from pacsrl.eval import (
 )
 from pacsrl.eval.rollouts import read_rollouts, repair_rollouts
 from pacsrl.eval.sampling import HFSampler
+from tiny import PRINTABLE, save_tiny
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -159,39 +160,22 @@ def test_compute_metrics_per_source_and_overall():
 # Fixtures: a tiny model, its tokenizer, small prepared datasets, a pluggable scorer
 
 
-def _save_char_model(path: Path, vocab_size: int | None = None, **sizes) -> Path:
-    """A random Qwen2 with a char-level tokenizer (printable ASCII, 98 tokens), saved to ``path``."""
-    import string
-
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
-
-    specials = ["<pad>", "</s>", "<unk>"]
-    chars = [ch for ch in string.printable if ch not in "\t\n\r\x0b\x0c"]
-    vocab = {tok: i for i, tok in enumerate(specials + chars)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
-    )
-    tokenizer.chat_template = (
-        "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
-        "{% if add_generation_prompt %}[assistant]{% endif %}"
-    )
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=vocab_size or len(vocab), pad_token_id=0, eos_token_id=1, bos_token_id=1,
-                         **sizes)
-    Qwen2ForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+def _save_char_model(path: Path, **model) -> Path:
+    """A random Qwen2 with a char-level tokenizer (printable ASCII, "[role]content" chat format), saved to
+    ``path``; ``model`` sizes it (``tests/tiny.py``'s ``build_model`` arguments)."""
+    return save_tiny(path, chars=PRINTABLE, chat="brackets", tie_word_embeddings=False, bos_token_id=1, **model)
 
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    return _save_char_model(tmp_path_factory.mktemp("tiny_model"), hidden_size=16, intermediate_size=32,
-                            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                            max_position_embeddings=128)
+    return _save_char_model(
+        tmp_path_factory.mktemp("tiny_model"),
+        hidden=16,
+        layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -656,9 +640,15 @@ def test_cli_eval_recompute_compare(tiny_model_dir, dataset_file, tmp_path, monk
 
 def _save_gpu_model(path: Path) -> Path:
     """A tiny random Qwen2 with a char-level tokenizer, shaped for vLLM's kernels (head_dim 64)."""
-    return _save_char_model(path, vocab_size=128,  # >= the 98 tokens, a multiple of 8 for the kernels
-                            hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-                            num_key_value_heads=1, max_position_embeddings=256)
+    return _save_char_model(
+        path,
+        vocab_size=128,  # >= the 98 tokens, a multiple of 8 for the kernels
+        hidden=128,
+        layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+    )
 
 
 @pytest.mark.gpu

@@ -1,5 +1,4 @@
 import json
-import math
 
 import pytest
 import torch
@@ -7,7 +6,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pacsrl.data.gym import format_solution, normalize_question
 from pacsrl.demo import DEMO_POOL_SIZE, DEMO_TASK, DEMO_TASK_CONFIG, demo_checkpoint_path, demo_splits
-from pacsrl.demo.warmstart import main, pass_at_k, sample_pass_at_k, warmstart_data, worked_solution
+from pacsrl.demo.warmstart import main, sample_pass_at_k, warmstart_data, worked_solution
 from pacsrl.rewards.gym import make_gym_reward
 
 
@@ -20,15 +19,6 @@ def shipped():
 @pytest.fixture(scope="module")
 def splits():
     return demo_splits(train_size=64, eval_size=16)
-
-
-def test_pass_at_k_by_hand():
-    assert pass_at_k(8, 2, 1) == pytest.approx(2 / 8)
-    assert pass_at_k(4, 1, 2) == pytest.approx(1 - 3 / 6)  # 1 - C(3,2)/C(4,2)
-    assert pass_at_k(8, 1, 8) == 1.0 and pass_at_k(8, 0, 8) == 0.0
-    assert pass_at_k(10, 3, 4) == pytest.approx(1 - math.comb(7, 4) / math.comb(10, 4))
-    with pytest.raises(ValueError):
-        pass_at_k(4, 5, 1)
 
 
 def test_worked_solution():
@@ -67,6 +57,23 @@ def test_shipped_checkpoint_is_partly_right(shipped, splits):
     metrics = sample_pass_at_k(model, tokenizer, eval_split, make_gym_reward(DEMO_TASK), num_samples=8, seed=0)
     assert 0.0 < metrics["pass@1"] < metrics["pass@8"], metrics
     assert metrics["pass@1"] < 0.8, metrics
+
+
+def test_evaluation_leaves_the_training_run_as_it_was(shipped, splits):
+    # warm-start evaluates in the middle of training: the global RNG and the model's mode must come back as
+    # they were, so that evaluating (or not) never changes the weights a rebuild gives
+    model, tokenizer, _ = shipped
+    _, eval_split = splits
+    model.train()
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    metrics = sample_pass_at_k(
+        model, tokenizer, eval_split.select(range(4)), make_gym_reward(DEMO_TASK), num_samples=2, ks=(1, 2)
+    )
+    assert set(metrics) == {"pass@1", "pass@2"} and 0.0 <= metrics["pass@1"] <= metrics["pass@2"] <= 1.0
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert model.training
+    model.eval()
 
 
 def test_demo_splits_are_disjoint_from_each_other_and_from_warm_start(shipped):

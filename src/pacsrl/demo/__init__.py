@@ -32,7 +32,9 @@ def demo_checkpoint_path() -> Path:
     loadable offline with ``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained``."""
     path = Path(str(resources.files("pacsrl") / "assets" / "demo"))
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"the demo checkpoint is missing from {path}; rebuild it with `pacsrl warmstart`")
+        raise FileNotFoundError(
+            f"the demo checkpoint is missing from {path}; rebuild it with `pacsrl warmstart`"
+        )
     return path
 
 
@@ -40,7 +42,9 @@ def held_out_pool(task: str = DEMO_TASK, config: dict | None = None) -> Dataset:
     """The ``DEMO_POOL_SIZE`` problems reserved for RL training and evaluation (never warm-start data)."""
     from pacsrl.data.gym import make_gym_dataset
 
-    return make_gym_dataset(task, DEMO_POOL_SIZE, DEMO_SEED, config=DEMO_TASK_CONFIG if config is None else config)
+    return make_gym_dataset(
+        task, DEMO_POOL_SIZE, DEMO_SEED, config=DEMO_TASK_CONFIG if config is None else config
+    )
 
 
 def demo_splits(train_size: int, eval_size: int) -> tuple[Dataset, Dataset]:

@@ -78,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pacsrl demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--quick", action="store_true", help="smoke-test size (about 15 s on 2 CPU threads): 6 steps, 32 eval problems"
+        "--quick",
+        action="store_true",
+        help="smoke-test size (about 15 s on 2 CPU threads): 6 steps, 32 eval problems",
     )
     parser.add_argument(
         "--output", type=Path, default=None, help="report folder (default: runs/demo-<timestamp>)"

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -98,9 +99,7 @@ def evaluate(
     as it found it (sampling reseeds it), so that an evaluation never changes a training run."""
     from pacsrl.eval import evaluate_model
 
-    cpu_state = torch.random.get_rng_state()
-    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    try:
+    with rng_restored():
         return evaluate_model(
             model,
             tokenizer,
@@ -115,6 +114,15 @@ def evaluate(
             name=name,
             progress=progress,
         )
+
+
+@contextmanager
+def rng_restored() -> Iterator[None]:
+    """Leave the global torch RNG (CPU and CUDA) as it was on entry: sampling with a seed reseeds it."""
+    cpu_state = torch.random.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
     finally:
         torch.random.set_rng_state(cpu_state)
         if cuda_states is not None:
@@ -196,4 +204,5 @@ __all__ = [
     "evaluate",
     "load_data",
     "load_policy",
+    "rng_restored",
 ]

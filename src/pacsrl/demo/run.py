@@ -32,24 +32,13 @@ from pacsrl.demo.config import DemoConfig, Method
 from pacsrl.demo.evaluation import curve_pass1, evaluate, load_data, load_policy
 from pacsrl.demo.report import METRICS_FILE, write_report
 from pacsrl.demo.training import MethodResult, train_and_evaluate
+from pacsrl.eval.report import write_json
 
 logger = logging.getLogger(__name__)
 
 
 def default_output_dir() -> Path:
     return Path("runs") / f"demo-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, allow_nan=False, default=_json_default) + "\n", encoding="utf-8")
-    tmp.replace(path)
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON-serialisable: {obj!r}")
 
 
 def _nan_to_none(obj: Any) -> Any:
@@ -90,7 +79,7 @@ def run_demo(config: DemoConfig, output_dir: str | Path | None = None) -> dict[s
 
     def save() -> None:
         report["wall_seconds"] = round(time.perf_counter() - started, 1)
-        _write_json(output_dir / METRICS_FILE, _nan_to_none(report))
+        write_json(output_dir / METRICS_FILE, _nan_to_none(report))
 
     logger.info(
         "demo: %s on %s %s; writing %s",

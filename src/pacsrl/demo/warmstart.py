@@ -17,11 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import random
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pacsrl.demo import DEMO_SEED, DEMO_TASK, DEMO_TASK_CONFIG, held_out_pool
+from pacsrl.demo.evaluation import rng_restored
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -36,67 +37,44 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k)."""
-    if not 0 <= c <= n or not 1 <= k <= n:
-        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
-
-
-@torch.no_grad()
 def sample_pass_at_k(
-    model,
-    tokenizer,
-    dataset,
-    reward_fn,
+    model: Any,
+    tokenizer: Any,
+    dataset: Dataset,
+    reward_fn: Callable[..., list[float]],
     *,
     num_samples: int = 8,
     ks: tuple[int, ...] = (1, 8),
     seed: int = 0,
-    batch_size: int = 32,
     max_new_tokens: int = 32,
-    temperature: float = 1.0,
 ) -> dict[str, float]:
-    """Mean pass@k over ``dataset`` from ``num_samples`` completions per prompt, sampled at ``temperature``
-    with no top-k / top-p truncation, scored by ``reward_fn`` (TRL's reward contract)."""
-    was_training = model.training
-    model.eval()
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    totals = dict.fromkeys(ks, 0.0)
-    correct = 0
-    for start in range(0, len(dataset), batch_size):
-        rows = dataset.select(range(start, min(start + batch_size, len(dataset))))
-        texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in rows["prompt"]]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
-        out = model.generate(
-            **enc,
-            do_sample=True,
-            temperature=temperature,
-            top_k=0,
+    """Mean pass@k over ``dataset`` from ``num_samples`` completions per problem at temperature 1 with no
+    truncation, scored by ``reward_fn``: ``pacsrl.eval.evaluate_model``, leaving the global torch RNG as it
+    found it (the same evaluation as the demo's)."""
+    from pacsrl.eval import evaluate_model
+
+    with rng_restored():
+        result = evaluate_model(
+            model,
+            tokenizer,
+            dataset,
+            n=num_samples,
+            ks=ks,
+            temperature=1.0,
             top_p=1.0,
-            num_return_sequences=num_samples,
             max_new_tokens=max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+            batch_size=256,
+            seed=seed,
+            reward_fn=reward_fn,
+            name="warmstart",
+            progress=False,
         )
-        completions = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        columns = {name: [v for v in rows[name] for _ in range(num_samples)] for name in rows.column_names}
-        columns.pop("prompt")
-        scores = reward_fn(completions, **columns)
-        for i in range(len(rows)):
-            c = int(sum(scores[i * num_samples : (i + 1) * num_samples]))
-            correct += c
-            for k in ks:
-                totals[k] += pass_at_k(num_samples, c, k)
-    torch.random.set_rng_state(generator_state)
-    model.train(was_training)
-    return {f"pass@{k}": totals[k] / len(dataset) for k in ks}
+    return {f"pass@{k}": result.metrics["all"][f"pass@{k}"] for k in ks}
 
 
-def warmstart_data(task: str, config: dict, seed: int, sft_size: int, val_size: int) -> tuple[Dataset, Dataset]:
+def warmstart_data(
+    task: str, config: dict, seed: int, sft_size: int, val_size: int
+) -> tuple[Dataset, Dataset]:
     """The warm-start (SFT) and validation problems: one deduplicated stream from ``seed`` that excludes
     the demo's held-out pool, validation first."""
     from pacsrl.data.gym import make_gym_dataset
@@ -119,7 +97,9 @@ def worked_solution(task: str, answer: str, metadata: str) -> str:
         total = total + int(terms[i + 1]) if terms[i] == "+" else total - int(terms[i + 1])
         steps.append(" ".join([str(total), *terms[i + 2 :]]))
     if str(total) != answer:
-        raise ValueError(f"worked solution of {' '.join(terms)!r} gives {total}, but the gold answer is {answer!r}")
+        raise ValueError(
+            f"worked solution of {' '.join(terms)!r} gives {total}, but the gold answer is {answer!r}"
+        )
     return f"{' '.join(terms)} = {' = '.join(steps)}\n{format_solution(answer)}"
 
 
@@ -145,45 +125,79 @@ def _collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[s
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pacsrl warmstart", description=__doc__.split("\n\n")[0])
-    p.add_argument("--output", required=True, type=Path, help="directory to write the checkpoint and its record to")
-    p.add_argument("--seed", type=int, default=0, help="seed of the warm-start data, initialisation and sampling")
+    p.add_argument(
+        "--output", required=True, type=Path, help="directory to write the checkpoint and its record to"
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the warm-start data, initialisation and sampling"
+    )
     p.add_argument("--steps", type=int, default=600, help="maximum number of optimizer steps")
     p.add_argument("--batch-size", type=int, default=32, help="problems per optimizer step")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (linear warm-up, then constant)")
+    p.add_argument(
+        "--lr", type=float, default=3e-3, help="peak AdamW learning rate (linear warm-up, then constant)"
+    )
     p.add_argument("--sft-size", type=int, default=2900, help="distinct warm-start problems (cycled through)")
     p.add_argument("--task", default=DEMO_TASK, help="reasoning-gym task")
     p.add_argument(
-        "--task-config", type=json.loads, default=None, help=f"task options as JSON (default for the demo task: {json.dumps(DEMO_TASK_CONFIG)})"
+        "--task-config",
+        type=json.loads,
+        default=None,
+        help=f"task options as JSON (default for the demo task: {json.dumps(DEMO_TASK_CONFIG)})",
     )
     p.add_argument("--hidden-size", type=int, default=128)
     p.add_argument("--layers", type=int, default=3)
-    p.add_argument("--stop-at-pass1", type=float, default=None, help="stop once validation pass@1 reaches this (e.g. 0.25)")
+    p.add_argument(
+        "--stop-at-pass1",
+        type=float,
+        default=None,
+        help="stop once validation pass@1 reaches this (e.g. 0.25)",
+    )
     p.add_argument("--eval-every", type=int, default=100, help="steps between validation estimates of pass@1")
-    p.add_argument("--val-size", type=int, default=32, help="validation problems (warm-start stream, not trained on)")
-    p.add_argument("--eval-size", type=int, default=64, help="held-out demo eval problems to measure pass@k on")
-    p.add_argument("--samples", type=int, default=8, help="completions per eval problem (pass@1 and pass@samples)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (the demo targets a shared laptop)")
+    p.add_argument(
+        "--val-size", type=int, default=32, help="validation problems (warm-start stream, not trained on)"
+    )
+    p.add_argument(
+        "--eval-size", type=int, default=64, help="held-out demo eval problems to measure pass@k on"
+    )
+    p.add_argument(
+        "--samples", type=int, default=8, help="completions per eval problem (pass@1 and pass@samples)"
+    )
+    p.add_argument(
+        "--threads", type=int, default=2, help="torch CPU threads (the demo targets a shared laptop)"
+    )
     return p
 
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     from pacsrl.demo.tiny import build_model, build_tokenizer
+    from pacsrl.eval.report import write_json
     from pacsrl.rewards.gym import make_gym_reward
 
     torch.set_num_threads(args.threads)
     started = time.time()
     task = args.task
-    config = args.task_config if args.task_config is not None else (DEMO_TASK_CONFIG if task == DEMO_TASK else {})
+    config = (
+        args.task_config if args.task_config is not None else (DEMO_TASK_CONFIG if task == DEMO_TASK else {})
+    )
     random.seed(args.seed)
 
     pool = held_out_pool(task, config)
     eval_split = pool.select(range(min(args.eval_size, len(pool))))
     sft_split, val_split = warmstart_data(task, config, args.seed, args.sft_size, args.val_size)
-    logger.info("%s %s: %d warm-start, %d validation problems; %d held out", task, config, len(sft_split), len(val_split), len(pool))
+    logger.info(
+        "%s %s: %d warm-start, %d validation problems; %d held out",
+        task,
+        config,
+        len(sft_split),
+        len(val_split),
+        len(pool),
+    )
 
     solutions = [worked_solution(task, a, m) for a, m in zip(sft_split["answer"], sft_split["metadata"])]
-    tokenizer = build_tokenizer(tokenizer_text(p, s) for p, s in zip(sft_split["prompt"][:4096], solutions[:4096]))
+    tokenizer = build_tokenizer(
+        tokenizer_text(p, s) for p, s in zip(sft_split["prompt"][:4096], solutions[:4096])
+    )
     model = build_model(tokenizer, hidden_size=args.hidden_size, num_layers=args.layers, seed=args.seed)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("model: %d parameters, vocabulary %d", n_params, len(tokenizer))
@@ -203,7 +217,9 @@ def main(argv: list[str]) -> int:
     progress = tqdm(range(args.steps), desc="warmstart", unit="step")
     for step in progress:
         start = (step * args.batch_size) % len(order)
-        batch = _collate([examples[i] for i in (order + order)[start : start + args.batch_size]], tokenizer.pad_token_id)
+        batch = _collate(
+            [examples[i] for i in (order + order)[start : start + args.batch_size]], tokenizer.pad_token_id
+        )
         loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -213,17 +229,29 @@ def main(argv: list[str]) -> int:
         steps_done = step + 1
         progress.set_postfix(loss=f"{loss.item():.3f}")
         if steps_done % args.eval_every == 0 or steps_done == args.steps:
-            val = sample_pass_at_k(model, tokenizer, val_split, reward_fn, num_samples=4, ks=(1,), seed=args.seed)
-            history.append({"step": steps_done, "loss": round(loss.item(), 4), "val_pass@1": round(val["pass@1"], 4)})
+            val = sample_pass_at_k(
+                model, tokenizer, val_split, reward_fn, num_samples=4, ks=(1,), seed=args.seed
+            )
+            history.append(
+                {"step": steps_done, "loss": round(loss.item(), 4), "val_pass@1": round(val["pass@1"], 4)}
+            )
             logger.info("step %d: loss %.3f, validation pass@1 %.3f", steps_done, loss.item(), val["pass@1"])
             if args.stop_at_pass1 is not None and val["pass@1"] >= args.stop_at_pass1:
-                logger.info("validation pass@1 reached %.3f >= %.3f: stopping", val["pass@1"], args.stop_at_pass1)
+                logger.info(
+                    "validation pass@1 reached %.3f >= %.3f: stopping", val["pass@1"], args.stop_at_pass1
+                )
                 break
     progress.close()
     train_seconds = time.time() - started
 
     metrics = sample_pass_at_k(
-        model, tokenizer, eval_split, reward_fn, num_samples=args.samples, ks=(1, args.samples), seed=args.seed
+        model,
+        tokenizer,
+        eval_split,
+        reward_fn,
+        num_samples=args.samples,
+        ks=(1, args.samples),
+        seed=args.seed,
     )
     logger.info("held-out eval (%d problems x %d samples, T=1): %s", len(eval_split), args.samples, metrics)
 
@@ -253,7 +281,7 @@ def main(argv: list[str]) -> int:
         "threads": args.threads,
         "torch": torch.__version__,
     }
-    (args.output / "warmstart.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_json(args.output / "warmstart.json", record)
     (args.output / "WARMSTART.md").write_text(_markdown(record))
     logger.info("wrote %s in %.0f s", args.output, record["wall_seconds"])
     return 0
@@ -271,25 +299,25 @@ def _markdown(r: dict[str, Any]) -> str:
     stop = "" if r["stop_at_pass1"] is None else f", stop at validation pass@1 >= {r['stop_at_pass1']}"
     return f"""# Demo warm-start checkpoint
 
-A {r['parameters']:,}-parameter Qwen2 ({r['architecture']['layers']} layers, hidden {r['architecture']['hidden_size']},
-vocabulary {r['vocab_size']}), trained from scratch by supervised fine-tuning on reasoning-gym
-`{r['task']}` problems ({json.dumps(r['task_config'])}) with solutions `<answer>...</answer>`
+A {r["parameters"]:,}-parameter Qwen2 ({r["architecture"]["layers"]} layers, hidden {r["architecture"]["hidden_size"]},
+vocabulary {r["vocab_size"]}), trained from scratch by supervised fine-tuning on reasoning-gym
+`{r["task"]}` problems ({json.dumps(r["task_config"])}) with solutions `<answer>...</answer>`
 (loss on the completion only), so that it is partly right and RL has something to sharpen.
 
 Rebuild it with:
 
-    {r['command']}
+    {r["command"]}
 
 | | |
 |---|---|
-| seed | {r['seed']} |
-| optimizer steps | {r['steps']} (max {r['max_steps']}{stop}) |
-| batch size, lr | {r['batch_size']}, {r['lr']} |
-| warm-start problems | {r['sft_problems']} distinct (+{r['val_problems']} validation) |
-| held-out pool (never trained on) | {r['held_out_pool']['size']} problems, seed {r['held_out_pool']['seed']} |
-| held-out eval | {e['problems']} problems x {k} samples, temperature 1.0 |
-| **pass@1 / pass@{k}** | **{e['pass@1']:.3f} / {e[f'pass@{k}']:.3f}** |
-| wall time | {r['wall_seconds']:.0f} s on {r['threads']} CPU threads (torch {r['torch']}) |
+| seed | {r["seed"]} |
+| optimizer steps | {r["steps"]} (max {r["max_steps"]}{stop}) |
+| batch size, lr | {r["batch_size"]}, {r["lr"]} |
+| warm-start problems | {r["sft_problems"]} distinct (+{r["val_problems"]} validation) |
+| held-out pool (never trained on) | {r["held_out_pool"]["size"]} problems, seed {r["held_out_pool"]["seed"]} |
+| held-out eval | {e["problems"]} problems x {k} samples, temperature 1.0 |
+| **pass@1 / pass@{k}** | **{e["pass@1"]:.3f} / {e[f"pass@{k}"]:.3f}** |
+| wall time | {r["wall_seconds"]:.0f} s on {r["threads"]} CPU threads (torch {r["torch"]}) |
 
 Validation history (pass@1 from 4 samples per problem):
 

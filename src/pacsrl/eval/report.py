@@ -1,4 +1,5 @@
-"""Reports of one or several evaluated models: a Markdown table and a pass@k-vs-k plot.
+"""Reports of one or several evaluated models: a Markdown table and a pass@k-vs-k plot (and ``write_json``,
+with which every pacsrl command writes its JSON files).
 
 ``runs`` is a sequence of ``(model name, metrics)`` pairs, metrics as returned by
 ``pacsrl.eval.metrics.compute_metrics``. The plot follows the layout of the paper's figure: one
@@ -7,6 +8,7 @@ subplot per benchmark, one line per model, k on a log2 axis.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,7 +21,23 @@ from pacsrl.eval.metrics import OVERALL
 
 Run = tuple[str, Mapping[str, Any]]
 
-__all__ = ["markdown_table", "plot_pass_at_k"]
+__all__ = ["markdown_table", "plot_pass_at_k", "write_json"]
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` to ``path`` as indented JSON (paths as strings), atomically: a temporary file renamed over
+    ``path``, so that a reader (or a crash) never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    text = json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default)
+    tmp.write_text(text + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON-serialisable: {obj!r}")
 
 
 def _sources(runs: Sequence[Run]) -> list[str]:

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from pacsrl import __version__
 from pacsrl.eval.config import RESUME_KEYS, EvalConfig
 from pacsrl.eval.metrics import compute_metrics, num_correct
-from pacsrl.eval.report import markdown_table, plot_pass_at_k
+from pacsrl.eval.report import markdown_table, plot_pass_at_k, write_json
 from pacsrl.eval.rollouts import (
     ROLLOUTS_FILE,
     append_rollout,
@@ -290,19 +290,13 @@ def _default_output(model: str) -> Path:
     return Path("outputs") / "eval" / re.sub(r"[^\w.-]+", "__", stem)
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
-
-
 def _write_summary(result: EvalResult, output_dir: Path) -> dict[str, Path]:
     paths = {
         "metrics": output_dir / METRICS_FILE,
         "table": output_dir / TABLE_FILE,
         "plot": output_dir / PLOT_FILE,
     }
-    _write_json(paths["metrics"], {"name": result.name, "settings": result.settings, **result.metrics})
+    write_json(paths["metrics"], {"name": result.name, "settings": result.settings, **result.metrics})
     paths["table"].write_text(result.table, encoding="utf-8")
     plot_pass_at_k([(result.name, result.metrics)], paths["plot"])
     result.output_dir = output_dir
@@ -315,7 +309,7 @@ def save_results(result: EvalResult, output_dir: str | Path) -> dict[str, Path]:
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     write_rollouts(output_dir / ROLLOUTS_FILE, result.records)
-    _write_json(output_dir / SETTINGS_FILE, result.settings)
+    write_json(output_dir / SETTINGS_FILE, result.settings)
     return {"rollouts": output_dir / ROLLOUTS_FILE, **_write_summary(result, output_dir)}
 
 
@@ -437,7 +431,7 @@ def run_eval(
                 tensor_parallel_size=config.tensor_parallel_size,
                 progress=False,
             )
-        _write_json(output_dir / SETTINGS_FILE, settings)
+        write_json(output_dir / SETTINGS_FILE, settings)
         # Only now, about to append, cut off a truncated last line left by a crash (reads never write).
         repair_rollouts(output_dir / ROLLOUTS_FILE)
         chunk_size = config.chunk_size or (64 if backend == "vllm" else max(1, config.batch_size // config.n))
@@ -455,7 +449,7 @@ def run_eval(
             total=len(problems),
         )
     elif not (output_dir / SETTINGS_FILE).exists():
-        _write_json(output_dir / SETTINGS_FILE, settings)
+        write_json(output_dir / SETTINGS_FILE, settings)
     result = EvalResult(name, records, compute_metrics(records, config.k, config.threshold), settings)
     _write_summary(result, output_dir)
     return result
@@ -509,7 +503,7 @@ def recompute(
         for record in result.records:
             record["num_correct"] = num_correct(record["scores"], threshold)
         write_rollouts(run_dir / ROLLOUTS_FILE, result.records)
-        _write_json(run_dir / SETTINGS_FILE, result.settings)
+        write_json(run_dir / SETTINGS_FILE, result.settings)
     result.metrics = compute_metrics(result.records, ks, threshold)
     _write_summary(result, run_dir)
     return result
@@ -539,7 +533,7 @@ def compare_runs(
         output = Path(output)
         output.mkdir(parents=True, exist_ok=True)
         (output / "comparison.md").write_text(table, encoding="utf-8")
-        _write_json(
+        write_json(
             output / "comparison.json", {r.name: {"run": str(r.output_dir), **r.metrics} for r in results}
         )
         figure.savefig(output / "comparison.png", dpi=120)
