@@ -23,12 +23,26 @@ from datasets import Dataset
 from transformers import Qwen2Config, Qwen2ForCausalLM, TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from tiny import build_tokenizer  # noqa: E402
+from tiny import build_tokenizer
 
-QWEN25_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                  num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True)
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True)
+QWEN25_05B = {
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 4096,
+    "tie_word_embeddings": True,
+}
+TINY = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": True,
+}
 
 
 class StepTimer(TrainerCallback):
@@ -59,22 +73,50 @@ def run(algorithm: str, args) -> dict:
     tok = build_tokenizer()
     torch.manual_seed(0)
     shape = TINY if args.tiny else QWEN25_05B
-    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), pad_token_id=tok.pad_token_id,
-                                         eos_token_id=tok.eos_token_id, **shape))
+    model = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **shape
+        )
+    )
     gpu = torch.cuda.is_available()
     if gpu:
         model = model.to(torch.bfloat16)
-    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": f"what is {i} + {i} ?"}]} for i in range(512)])
-    common = dict(output_dir=os.path.join(args.output, algorithm), per_device_train_batch_size=args.batch,
-                  num_generations=args.group, max_completion_length=args.completion_length, max_steps=args.steps,
-                  steps_per_generation=2, report_to=[], logging_steps=1, save_strategy="no", learning_rate=1e-6,
-                  bf16=gpu, use_cpu=not gpu, disable_tqdm=True, seed=0, gradient_checkpointing=args.checkpointing)
+    ds = Dataset.from_list(
+        [{"prompt": [{"role": "user", "content": f"what is {i} + {i} ?"}]} for i in range(512)]
+    )
+    common = {
+        "output_dir": os.path.join(args.output, algorithm),
+        "per_device_train_batch_size": args.batch,
+        "num_generations": args.group,
+        "max_completion_length": args.completion_length,
+        "max_steps": args.steps,
+        "steps_per_generation": 2,
+        "report_to": [],
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "learning_rate": 1e-6,
+        "bf16": gpu,
+        "use_cpu": not gpu,
+        "disable_tqdm": True,
+        "seed": 0,
+        "gradient_checkpointing": args.checkpointing,
+    }
     if algorithm == "pacs":
-        trainer = PACSTrainer(model=model, reward_funcs=any_digit, args=PACSConfig(**common), train_dataset=ds,
-                              processing_class=tok)
+        trainer = PACSTrainer(
+            model=model,
+            reward_funcs=any_digit,
+            args=PACSConfig(**common),
+            train_dataset=ds,
+            processing_class=tok,
+        )
     else:
-        trainer = GRPOTrainer(model=model, reward_funcs=any_digit, args=GRPOConfig(**common, beta=0.0),
-                              train_dataset=ds, processing_class=tok)
+        trainer = GRPOTrainer(
+            model=model,
+            reward_funcs=any_digit,
+            args=GRPOConfig(**common, beta=0.0),
+            train_dataset=ds,
+            processing_class=tok,
+        )
     timer = StepTimer()
     trainer.add_callback(timer)
     if gpu:
@@ -82,14 +124,23 @@ def run(algorithm: str, args) -> dict:
     trainer.train()
     peak = torch.cuda.max_memory_allocated() / 2**30 if gpu else float("nan")
     steady = timer.times[1:] or timer.times
-    return {"algorithm": algorithm, "step_time_s": sum(steady) / len(steady), "steps": len(timer.times),
-            "peak_memory_gib": peak, "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+    return {
+        "algorithm": algorithm,
+        "step_time_s": sum(steady) / len(steady),
+        "steps": len(timer.times),
+        "peak_memory_gib": peak,
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+    }
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--batch", type=int, default=16, help="per-device batch (completions), a multiple of --group")
+    parser.add_argument(
+        "--batch", type=int, default=16, help="per-device batch (completions), a multiple of --group"
+    )
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--completion-length", type=int, default=256)
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
@@ -98,8 +149,10 @@ def main() -> int:
     args = parser.parse_args()
     results = [run(a, args) for a in ("grpo", "pacs")]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    print(f"\ndevice: {device}; model: {results[0]['params_m']:.1f}M params; batch {args.batch}, G={args.group}, "
-          f"{args.completion_length} new tokens, {args.steps} steps\n")
+    print(
+        f"\ndevice: {device}; model: {results[0]['params_m']:.1f}M params; batch {args.batch}, G={args.group}, "
+        f"{args.completion_length} new tokens, {args.steps} steps\n"
+    )
     print("| algorithm | step time (s) | vs GRPO | peak GPU memory (GiB) |\n|---|---:|---:|---:|")
     for r in results:
         ratio = r["step_time_s"] / results[0]["step_time_s"]

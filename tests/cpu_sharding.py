@@ -13,18 +13,29 @@ import torch
 import yaml
 
 # a trainer's DeepSpeed ZeRO-3 config; transformers fills in the "auto" values from the TrainingArguments
-ZERO3_TRAINER = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
-                 "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "bf16": {"enabled": "auto"}}
+ZERO3_TRAINER = {
+    "zero_optimization": {"stage": 3},
+    "train_micro_batch_size_per_gpu": "auto",
+    "train_batch_size": "auto",
+    "gradient_accumulation_steps": "auto",
+    "gradient_clipping": "auto",
+    "bf16": {"enabled": "auto"},
+}
 
 FSDP2_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "accelerate" / "fsdp2.yaml"
 
 
 def recipe_fsdp_config() -> dict:
     """The recipe's accelerate ``fsdp_config`` in TrainingArguments' spelling."""
-    names = {"fsdp_version": "version", "fsdp_auto_wrap_policy": "auto_wrap_policy",
-             "fsdp_cpu_ram_efficient_loading": "cpu_ram_efficient_loading", "fsdp_offload_params": "cpu_offload",
-             "fsdp_reshard_after_forward": "reshard_after_forward", "fsdp_state_dict_type": "state_dict_type",
-             "fsdp_activation_checkpointing": "activation_checkpointing"}
+    names = {
+        "fsdp_version": "version",
+        "fsdp_auto_wrap_policy": "auto_wrap_policy",
+        "fsdp_cpu_ram_efficient_loading": "cpu_ram_efficient_loading",
+        "fsdp_offload_params": "cpu_offload",
+        "fsdp_reshard_after_forward": "reshard_after_forward",
+        "fsdp_state_dict_type": "state_dict_type",
+        "fsdp_activation_checkpointing": "activation_checkpointing",
+    }
     recipe = yaml.safe_load(FSDP2_RECIPE.read_text())["fsdp_config"]
     unknown = set(recipe) - set(names)
     if unknown:
@@ -50,7 +61,9 @@ def allow_fsdp_on_cpu() -> None:
             accelerate.state.PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
     accelerate.state.AcceleratorState.__init__ = patched
-    os.environ["ACCELERATE_USE_FSDP"] = "true"  # what `accelerate launch` sets; transformers' loading reads it
+    os.environ["ACCELERATE_USE_FSDP"] = (
+        "true"  # what `accelerate launch` sets; transformers' loading reads it
+    )
 
 
 def full(param: torch.Tensor) -> torch.Tensor:

@@ -63,17 +63,31 @@ def main(out_dir: str) -> None:
     tok = build_tokenizer()
     model = build_model(tok, seed=0)
     ds = Dataset.from_list([{"prompt": [{"role": "user", "content": f"{i}+{i}="}]} for i in range(32)])
-    args = PACSConfig(output_dir=os.path.join(out_dir, "run"), per_device_train_batch_size=4, num_generations=4,
-                      max_completion_length=6, max_steps=3, steps_per_generation=2, report_to=[], use_cpu=True,
-                      logging_steps=1, save_strategy="no", learning_rate=1e-2, disable_tqdm=True,
-                      # fp32, so that the sharded runs can be compared with DDP to float precision (TRL's default
-                      # bf16 autocasts under DDP and FSDP2, while ZeRO-3 then stores the weights in bf16)
-                      bf16=False,
-                      fsdp=fsdp, fsdp_config=recipe_fsdp_config() if fsdp else None,
-                      deepspeed=ZERO3_TRAINER if sharding == "zero3" else None)
+    args = PACSConfig(
+        output_dir=os.path.join(out_dir, "run"),
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=6,
+        max_steps=3,
+        steps_per_generation=2,
+        report_to=[],
+        use_cpu=True,
+        logging_steps=1,
+        save_strategy="no",
+        learning_rate=1e-2,
+        disable_tqdm=True,
+        # fp32, so that the sharded runs can be compared with DDP to float precision (TRL's default
+        # bf16 autocasts under DDP and FSDP2, while ZeRO-3 then stores the weights in bf16)
+        bf16=False,
+        fsdp=fsdp,
+        fsdp_config=recipe_fsdp_config() if fsdp else None,
+        deepspeed=ZERO3_TRAINER if sharding == "zero3" else None,
+    )
     if sharding == "zero3":
         init_deepspeed_comm_on_cpu()
-    trainer = PACSTrainer(model=model, reward_funcs=every_third, args=args, train_dataset=ds, processing_class=tok)
+    trainer = PACSTrainer(
+        model=model, reward_funcs=every_third, args=args, train_dataset=ds, processing_class=tok
+    )
     seen = []
     original = trainer._compute_loss
 
@@ -92,9 +106,21 @@ def main(out_dir: str) -> None:
     logs = [h for h in trainer.state.log_history if "pacs/loss" in h]
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         params = torch.cat([p.flatten() for p in after]).tolist()
-        sharded_as = "fsdp2" if trainer.is_fsdp_enabled else "zero3" if trainer.is_deepspeed_enabled else "ddp"
-        json.dump({"world": trainer.accelerator.num_processes, "sharding": sharded_as, "local_fraction": fraction,
-                   "seen": seen, "changed": changed, "logs": logs, "params": params}, f)
+        sharded_as = (
+            "fsdp2" if trainer.is_fsdp_enabled else "zero3" if trainer.is_deepspeed_enabled else "ddp"
+        )
+        json.dump(
+            {
+                "world": trainer.accelerator.num_processes,
+                "sharding": sharded_as,
+                "local_fraction": fraction,
+                "seen": seen,
+                "changed": changed,
+                "logs": logs,
+                "params": params,
+            },
+            f,
+        )
 
 
 if __name__ == "__main__":

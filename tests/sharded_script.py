@@ -51,7 +51,8 @@ def main(mode: str, out_dir: str) -> None:
 
     def equal(got: dict, want: dict, dtype=None) -> bool:
         return list(got) == list(want) and all(
-            torch.equal(got[k], want[k] if dtype is None else want[k].to(dtype)) for k in want)
+            torch.equal(got[k], want[k] if dtype is None else want[k].to(dtype)) for k in want
+        )
 
     checks = {}
     plain = build_model(tok, seed=0)  # the reference values: an ordinary model
@@ -70,8 +71,9 @@ def main(mode: str, out_dir: str) -> None:
     copy_module(a, c)
     got = full_state_dict(c)
     dtype = torch.bfloat16 if mode == "fsdp2" else torch.float32
-    checks["to_bf16"] = (equal(got, want, dtype) and all(v.dtype == dtype for v in got.values())) if rank == 0 \
-        else got == {}
+    checks["to_bf16"] = (
+        (equal(got, want, dtype) and all(v.dtype == dtype for v in got.values())) if rank == 0 else got == {}
+    )
     back = build_model(tok, seed=4)  # sharded -> plain: every process gets the whole values
     copy_module(b, back)
     checks["sharded_to_plain"] = equal({k: v for k, v in back.state_dict().items()}, want)
@@ -80,12 +82,17 @@ def main(mode: str, out_dir: str) -> None:
     got = full_state_dict(d)
     checks["load"] = equal(got, want) if rank == 0 else got == {}
     got = full_state_dict(d, keep=lambda name: ".mlp." in name)
-    checks["keep"] = (equal(got, {k: v for k, v in want.items() if ".mlp." in k}) and len(got) > 0) if rank == 0 \
+    checks["keep"] = (
+        (equal(got, {k: v for k, v in want.items() if ".mlp." in k}) and len(got) > 0)
+        if rank == 0
         else got == {}
+    )
     if mode == "fsdp2":  # the sharded model computes what the plain one does
         ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
         with torch.no_grad():
-            checks["forward"] = torch.allclose(b(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-6)
+            checks["forward"] = torch.allclose(
+                b(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-6
+            )
         # the trainer's FSDP2 reference: built on the meta device, sharded, materialised empty, then copied
         from torch.distributed.fsdp import fully_shard
         from transformers import AutoModelForCausalLM
@@ -103,15 +110,17 @@ def main(mode: str, out_dir: str) -> None:
         got = full_state_dict(m)
         checks["meta_built"] = equal(got, want) if rank == 0 else got == {}
         with torch.no_grad():
-            checks["meta_built_forward"] = torch.allclose(m(input_ids=ids).logits, plain(input_ids=ids).logits,
-                                                          atol=1e-6)
+            checks["meta_built_forward"] = torch.allclose(
+                m(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-6
+            )
         # a resume: a meta-built reference loaded from a checkpoint, which holds no non-persistent buffers
         r = meta_built()
         load_full_state_dict(r, want)
         copy_buffers(a, r)
         with torch.no_grad():
-            checks["meta_built_resume_forward"] = torch.allclose(r(input_ids=ids).logits,
-                                                                 plain(input_ids=ids).logits, atol=1e-6)
+            checks["meta_built_resume_forward"] = torch.allclose(
+                r(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-6
+            )
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(checks, f)
     dist.barrier()

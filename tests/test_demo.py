@@ -215,10 +215,10 @@ def test_demo_runs_any_local_checkpoint_with_a_chat_template(tmp_path):
 
     model_dir = save_tiny(tmp_path / "tiny")
     out = tmp_path / "report"
-    rc = demo_main(["--model", str(model_dir), "--quick", "--algorithms", "pacs", "--steps", "2",
-                    "--prompts-per-step", "4", "--num-generations", "4", "--eval-size", "4",
-                    "--eval-samples", "2", "--curve-every", "2", "--curve-size", "4", "--max-completion-length",
-                    "8", "--output", str(out)])
+    argv = ["--model", str(model_dir), "--output", str(out), "--quick", "--algorithms", "pacs"]
+    argv += "--steps 2 --prompts-per-step 4 --num-generations 4 --eval-size 4 --eval-samples 2".split()
+    argv += "--curve-every 2 --curve-size 4 --max-completion-length 8".split()
+    rc = demo_main(argv)
     assert rc == 0
     metrics = json.loads((out / METRICS_FILE).read_text())
     assert metrics["finished"] is True and set(metrics["methods"]) == {"pacs"}

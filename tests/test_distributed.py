@@ -20,10 +20,25 @@ def _train(sharding: str, skip_rank0: str, out: Path) -> list[dict]:
     """Both processes' records of one 2-process run, cached so the sharded runs can be compared with DDP."""
     if (sharding, skip_rank0) not in _RUNS:
         script = Path(__file__).with_name("dist_train_script.py")
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(script.parent),
-               "SKIP_RANK0": skip_rank0, "SHARDING": sharding}
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               _free_port(), str(script), str(out)]
+        env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": str(script.parent),
+            "SKIP_RANK0": skip_rank0,
+            "SHARDING": sharding,
+        }
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            _free_port(),
+            str(script),
+            str(out),
+        ]
         proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-4000:]
         _RUNS[sharding, skip_rank0] = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -51,8 +66,8 @@ def test_two_processes_keep_groups_whole_and_train(tmp_path_factory, skip_rank0,
         for batch in data["seen"]:
             ids, prompts = batch["group_ids"], batch["prompts"]
             for g in range(0, len(ids), 4):
-                assert len(set(ids[g:g + 4])) == 1  # one group id per block of 4 rows
-                assert all(p == prompts[g] for p in prompts[g:g + 4])  # ... and one prompt
+                assert len(set(ids[g : g + 4])) == 1  # one group id per block of 4 rows
+                assert all(p == prompts[g] for p in prompts[g : g + 4])  # ... and one prompt
         assert all(not math.isnan(v) for h in data["logs"] for v in h.values() if isinstance(v, float))
     # different prompts on the two processes
     for step in range(3):

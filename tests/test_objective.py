@@ -137,14 +137,18 @@ def test_hand_worked_group_of_four_class_weights():
     assert expected == pytest.approx(0.387024, abs=1e-6)
 
     # "mean" baseline: the group mean of (1, 0, 0, -1) is 0, so psi = r
-    assert torch.allclose(group_centre(torch.tensor([1.0, 0.0, 0.0, -1.0]), 4, "mean"), torch.tensor([1.0, 0, 0, -1]))
+    assert torch.allclose(
+        group_centre(torch.tensor([1.0, 0.0, 0.0, -1.0]), 4, "mean"), torch.tensor([1.0, 0, 0, -1])
+    )
     # "grpo": unbiased std = sqrt((1 + 0 + 0 + 1) / 3) = sqrt(2/3) = 0.8165
     std = math.sqrt(2 / 3)
     psi_grpo = group_centre(torch.tensor([1.0, 0.0, 0.0, -1.0], dtype=torch.float64), 4, "grpo")
     assert torch.allclose(psi_grpo, torch.tensor([1, 0, 0, -1], dtype=torch.float64) / (std + 1e-6))
     # weight_mode="none" with RLOO: L = (1/4) [ softplus(-4/3) + log2 + log2 + softplus(-4/3) ]
     expected_none = 0.25 * (2 * softplus(-4 / 3) + 2 * math.log(2))
-    assert pacs_loss(logps, ref, mask, labels, 4, weight_mode="none").item() == pytest.approx(expected_none, rel=1e-6)
+    assert pacs_loss(logps, ref, mask, labels, 4, weight_mode="none").item() == pytest.approx(
+        expected_none, rel=1e-6
+    )
     # only_positive: only row 0 counts: L = (1/4) softplus(-4/3)
     got = pacs_loss(logps, ref, mask, labels, 4, weight_mode="only_positive").item()
     assert got == pytest.approx(0.25 * softplus(-4 / 3), rel=1e-6)
@@ -187,14 +191,25 @@ def test_matches_loop_reference_values_and_gradients(baseline, weight_mode, rewa
     G, B, T = 4, 3, 5
     N = G * B
     # a fixed seed per case (str hash() differs from process to process: failures would not reproduce)
-    logps, ref, mask = random_batch(N, T, seed=zlib.crc32(f"{baseline}/{weight_mode}/{reward_form}".encode()) % 1000)
+    logps, ref, mask = random_batch(
+        N, T, seed=zlib.crc32(f"{baseline}/{weight_mode}/{reward_form}".encode()) % 1000
+    )
     # group 0 mixed, group 1 all correct, group 2 all wrong
     labels = torch.tensor([1, 0, 0, 1] + [1] * 4 + [0] * 4)
     beta = 0.7
 
     lp1 = logps.clone().requires_grad_(True)
-    ours = pacs_loss(lp1, ref, mask, labels, G, beta=beta, baseline=baseline, weight_mode=weight_mode,
-                     reward_form=reward_form)
+    ours = pacs_loss(
+        lp1,
+        ref,
+        mask,
+        labels,
+        G,
+        beta=beta,
+        baseline=baseline,
+        weight_mode=weight_mode,
+        reward_form=reward_form,
+    )
     ours.backward()
 
     lp2 = logps.clone().requires_grad_(True)
@@ -212,7 +227,7 @@ def loop_weights(labels, G, weight_mode):
     """Eq. 4 by counting, one group at a time."""
     w = []
     for b in range(len(labels) // G):
-        group = labels[b * G:(b + 1) * G]
+        group = labels[b * G : (b + 1) * G]
         n_pos = sum(group)
         n_neg = G - n_pos
         for y in group:
@@ -258,7 +273,9 @@ def test_on_policy_gradient_identity(baseline, weight_mode):
     labels = torch.tensor([1, 0, 0, 0, 1, 1, 0, 1, 1, 1, 1, 1, 0, 0, 0, 0])
     beta = 2.0
     lp = logps.clone().requires_grad_(True)
-    loss = pacs_loss(lp, logps.clone(), mask, labels, G, beta=beta, baseline=baseline, weight_mode=weight_mode)
+    loss = pacs_loss(
+        lp, logps.clone(), mask, labels, G, beta=beta, baseline=baseline, weight_mode=weight_mode
+    )
     loss.backward()
     w = loop_weights(labels.tolist(), G, weight_mode)
     A = loop_advantage(labels.tolist(), G, w, baseline)  # independent of the library
@@ -307,7 +324,9 @@ def test_on_policy_loss_matches_full_loss(baseline):
     if baseline != "none":
         keep = torch.tensor([0, 1, 2, 3, 8, 9, 10, 11])
         lp_sub = logps[keep].clone().requires_grad_(True)
-        sub = pacs_on_policy_loss(lp_sub, mask[keep], labels[keep], G, beta=0.5, baseline=baseline, num_rows=N)
+        sub = pacs_on_policy_loss(
+            lp_sub, mask[keep], labels[keep], G, beta=0.5, baseline=baseline, num_rows=N
+        )
         sub.backward()
         assert torch.allclose(lp_sub.grad, lp_full.grad[keep], rtol=1e-9, atol=1e-12)
         assert (lp_full.grad[4:8] == 0).all() and (lp_full.grad[12:] == 0).all()
@@ -390,16 +409,20 @@ def _ok():
 )
 def test_bad_input_raises_clear_errors(mutate, match):
     logps, ref, mask, labels = _ok()
-    args = mutate(dict(logps=logps, ref_logps=ref, mask=mask, labels=labels, group_size=2))
+    args = mutate({"logps": logps, "ref_logps": ref, "mask": mask, "labels": labels, "group_size": 2})
     kwargs = {k: args.pop(k) for k in ("baseline", "weight_mode", "reward_form") if k in args}
     with pytest.raises(ValueError, match=match):
-        pacs_loss(args["logps"], args["ref_logps"], args["mask"], args["labels"], args["group_size"], **kwargs)
+        pacs_loss(
+            args["logps"], args["ref_logps"], args["mask"], args["labels"], args["group_size"], **kwargs
+        )
 
 
 def test_numpy_integer_group_size_is_accepted():
     np = pytest.importorskip("numpy")
     logps, ref, mask, labels = _ok()
-    assert torch.equal(pacs_loss(logps, ref, mask, labels, np.int64(2)), pacs_loss(logps, ref, mask, labels, 2))
+    assert torch.equal(
+        pacs_loss(logps, ref, mask, labels, np.int64(2)), pacs_loss(logps, ref, mask, labels, 2)
+    )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -75,13 +75,31 @@ def test_two_sharded_processes_match_the_unsharded_model(tmp_path, mode):
         pytest.skip("deepspeed is not installed (pip install --no-build-isolation deepspeed)")
     script = Path(__file__).with_name("sharded_script.py")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(script.parent)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--master_port", _free_port(), "--nproc_per_node", "2",
-           str(script), mode, str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--master_port",
+        _free_port(),
+        "--nproc_per_node",
+        "2",
+        str(script),
+        mode,
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     for rank in (0, 1):
         checks = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        names = {"sharded", "plain_to_sharded", "sharded_to_sharded", "to_bf16", "sharded_to_plain", "load", "keep"}
+        names = {
+            "sharded",
+            "plain_to_sharded",
+            "sharded_to_sharded",
+            "to_bf16",
+            "sharded_to_plain",
+            "load",
+            "keep",
+        }
         if mode == "fsdp2":
             names |= {"forward", "meta_built", "meta_built_forward", "meta_built_resume_forward"}
         assert set(checks) == names and all(checks.values()), (rank, checks)
@@ -103,8 +121,19 @@ def test_trainer_fixed_reference_under_sharding(tmp_path, mode, peft):
     script = Path(__file__).resolve().parents[1] / "bench" / "sharded_reference.py"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     world = 2
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--master_port", _free_port(), "--nproc_per_node",
-           str(world), str(script), "--fsdp2-cpu" if mode == "fsdp2" else "--zero3", "--output", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--master_port",
+        _free_port(),
+        "--nproc_per_node",
+        str(world),
+        str(script),
+        "--fsdp2-cpu" if mode == "fsdp2" else "--zero3",
+        "--output",
+        str(tmp_path),
+    ]
     if peft:
         cmd.append("--peft")
     proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=900)

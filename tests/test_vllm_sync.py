@@ -25,12 +25,23 @@ def test_vllm_weight_sync_sends_the_trained_adapter_merged_and_not_the_reference
     plain = dict(build_model(tok, seed=0).named_parameters())  # the names and weights vLLM knows
     r, alpha = 4, 8
     trainer = PACSTrainer(
-        model=build_model(tok, seed=0), reward_funcs=every_third, processing_class=tok,
-        args=PACSConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4, report_to=[],
-                        use_cpu=True, pacs_reference="fixed", disable_tqdm=True),
+        model=build_model(tok, seed=0),
+        reward_funcs=every_third,
+        processing_class=tok,
+        args=PACSConfig(
+            output_dir=str(tmp_path),
+            per_device_train_batch_size=8,
+            num_generations=4,
+            report_to=[],
+            use_cpu=True,
+            pacs_reference="fixed",
+            disable_tqdm=True,
+        ),
         train_dataset=Dataset.from_list([{"prompt": "1+1="}] * 8),
-        peft_config=peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=["q_proj", "v_proj"],
-                                    init_lora_weights=False))
+        peft_config=peft.LoraConfig(
+            r=r, lora_alpha=alpha, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+        ),
+    )
     model = trainer.model
     torch.manual_seed(1)
     with torch.no_grad():  # a reference adapter unlike the trained one (as after a few steps)
@@ -40,7 +51,11 @@ def test_vllm_weight_sync_sends_the_trained_adapter_merged_and_not_the_reference
     params = {name: param.detach().clone() for name, param in model.named_parameters()}
 
     sync = object.__new__(VLLMGeneration)  # only the parameter walk: __init__ would start vLLM
-    sync.model, sync.accelerator, sync._dist = model, trainer.accelerator, DistributedBackend(trainer.accelerator)
+    sync.model, sync.accelerator, sync._dist = (
+        model,
+        trainer.accelerator,
+        DistributedBackend(trainer.accelerator),
+    )
     sent = {name: tensor.detach().clone() for name, tensor in sync._iter_named_params()}
 
     assert set(sent) == set(plain)

@@ -25,7 +25,10 @@ def test_worked_solution():
     assert worked_solution("chain_sum", "13", json.dumps({"expression": "7 - 3 + 9"})) == (
         "7 - 3 + 9 = 4 + 9 = 13\n<answer>13</answer>"
     )
-    assert worked_solution("chain_sum", "-2", json.dumps({"expression": "7 - 9"})) == "7 - 9 = -2\n<answer>-2</answer>"
+    assert (
+        worked_solution("chain_sum", "-2", json.dumps({"expression": "7 - 9"}))
+        == "7 - 9 = -2\n<answer>-2</answer>"
+    )
     with pytest.raises(ValueError, match="gold answer is '3'"):
         worked_solution("chain_sum", "3", json.dumps({"expression": "7 - 9"}))
     assert worked_solution("countdown", "1+2", "{}") == format_solution("1+2")
@@ -36,7 +39,9 @@ def test_shipped_checkpoint_loads_and_tokenizer_round_trips(shipped, splits):
     record = json.loads((path / "warmstart.json").read_text())
     assert record["task"] == DEMO_TASK and record["task_config"] == DEMO_TASK_CONFIG
     assert sum(p.numel() for p in model.parameters()) == record["parameters"] < 2_000_000
-    assert model.config.eos_token_id == tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert (
+        model.config.eos_token_id == tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    )
     assert tokenizer.pad_token_id != tokenizer.eos_token_id
     _, eval_split = splits
     for row in eval_split:
@@ -54,7 +59,9 @@ def test_shipped_checkpoint_is_partly_right(shipped, splits):
     torch.set_num_threads(2)
     model, tokenizer, _ = shipped
     _, eval_split = splits
-    metrics = sample_pass_at_k(model, tokenizer, eval_split, make_gym_reward(DEMO_TASK), num_samples=8, seed=0)
+    metrics = sample_pass_at_k(
+        model, tokenizer, eval_split, make_gym_reward(DEMO_TASK), num_samples=8, seed=0
+    )
     assert 0.0 < metrics["pass@1"] < metrics["pass@8"], metrics
     assert metrics["pass@1"] < 0.8, metrics
 
@@ -79,9 +86,16 @@ def test_evaluation_leaves_the_training_run_as_it_was(shipped, splits):
 def test_demo_splits_are_disjoint_from_each_other_and_from_warm_start(shipped):
     record = json.loads(shipped[2].joinpath("warmstart.json").read_text())
     train, eval_ = demo_splits(train_size=DEMO_POOL_SIZE - 100, eval_size=100)
-    sft, val = warmstart_data(DEMO_TASK, DEMO_TASK_CONFIG, record["seed"], record["sft_problems"], record["val_problems"])
+    sft, val = warmstart_data(
+        DEMO_TASK, DEMO_TASK_CONFIG, record["seed"], record["sft_problems"], record["val_problems"]
+    )
     keys = [{normalize_question(q) for q in ds["question"]} for ds in (train, eval_, sft, val)]
-    assert [len(k) for k in keys] == [DEMO_POOL_SIZE - 100, 100, record["sft_problems"], record["val_problems"]]
+    assert [len(k) for k in keys] == [
+        DEMO_POOL_SIZE - 100,
+        100,
+        record["sft_problems"],
+        record["val_problems"],
+    ]
     for i in range(4):
         for j in range(i + 1, 4):
             assert not keys[i] & keys[j], (i, j)

@@ -36,17 +36,17 @@ RewardForm = Literal["sum", "mean_logp"]
 GRPO_STD_EPS = 1e-6
 
 __all__ = [
-    "Baseline",
-    "WeightMode",
-    "RewardForm",
     "GRPO_STD_EPS",
-    "implicit_reward",
-    "group_centre",
+    "Baseline",
+    "RewardForm",
+    "WeightMode",
     "class_weights",
-    "pacs_loss",
-    "on_policy_advantage",
-    "pacs_on_policy_loss",
+    "group_centre",
     "group_outcomes",
+    "implicit_reward",
+    "on_policy_advantage",
+    "pacs_loss",
+    "pacs_on_policy_loss",
 ]
 
 
@@ -130,7 +130,9 @@ def implicit_reward(
         raise ValueError(f"logps must have shape (N, T), got {tuple(logps.shape)}")
     _check_mask(mask, logps)
     if ref_logps is not None and ref_logps.shape != logps.shape:
-        raise ValueError(f"ref_logps shape {tuple(ref_logps.shape)} differs from logps shape {tuple(logps.shape)}")
+        raise ValueError(
+            f"ref_logps shape {tuple(ref_logps.shape)} differs from logps shape {tuple(logps.shape)}"
+        )
     if not math.isfinite(beta):
         raise ValueError(f"beta must be finite, got {beta}")
     # a sum over thousands of tokens: accumulate in fp32 at least, whatever the input (in bf16 both the per-token
@@ -187,7 +189,9 @@ def group_centre(rewards: torch.Tensor, group_size: int, baseline: Baseline = "r
     return psi.reshape(-1)  # (N,)
 
 
-def class_weights(labels: torch.Tensor, group_size: int, weight_mode: WeightMode = "question") -> torch.Tensor:
+def class_weights(
+    labels: torch.Tensor, group_size: int, weight_mode: WeightMode = "question"
+) -> torch.Tensor:
     """Per-completion weights of the BCE (Eq. 4), shape (N,), float.
 
     - ``"question"``: class balance within each group: ``w_i = G / (2 n_{R_i})`` in a group holding both
@@ -344,7 +348,8 @@ def pacs_on_policy_loss(
     if denom < n or denom <= 0:
         raise ValueError(f"num_rows={num_rows} must be >= the number of rows given ({n})")
     _check_labels(labels, n)
-    logps = logps.to(torch.promote_types(logps.dtype, torch.float32))  # (N', T) summed in fp32, as implicit_reward
+    # summed in fp32, as in implicit_reward
+    logps = logps.to(torch.promote_types(logps.dtype, torch.float32))  # (N', T)
     y = labels.to(logps.dtype)  # (N',)
     adv = on_policy_advantage(y, group_size, baseline=baseline, weight_mode=weight_mode)  # (N',)
     w = class_weights(y, group_size, weight_mode)  # (N',)

@@ -88,8 +88,12 @@ def copy_tensors(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
             # the source gathered read-only (no re-partitioning of it), the destination written by every process
             with _gathered([src], modifier_rank=None), _gathered([dst], modifier_rank=0):
                 dst.data.copy_(src.data)
-        elif (is_dtensor(src) and is_dtensor(dst) and src.device_mesh == dst.device_mesh
-              and src.placements == dst.placements):
+        elif (
+            is_dtensor(src)
+            and is_dtensor(dst)
+            and src.device_mesh == dst.device_mesh
+            and src.placements == dst.placements
+        ):
             dst.to_local().copy_(src.to_local())  # same sharding: shard to shard
         else:
             _assign(dst, _whole(src))
@@ -101,7 +105,9 @@ def copy_module(src: torch.nn.Module, dst: torch.nn.Module) -> None:
     s, d = src.state_dict(keep_vars=True), dst.state_dict(keep_vars=True)
     if list(s) != list(d):
         missing, extra = sorted(set(s) - set(d)), sorted(set(d) - set(s))
-        raise ValueError(f"the two models differ: only in the source {missing[:5]}, only in the target {extra[:5]}")
+        raise ValueError(
+            f"the two models differ: only in the source {missing[:5]}, only in the target {extra[:5]}"
+        )
     copy_tensors((s[k], d[k]) for k in s)
     copy_buffers(src, dst)
 
@@ -128,15 +134,18 @@ def copy_buffers(src: torch.nn.Module, dst: torch.nn.Module) -> None:
     and not saved in checkpoints, so a reference built empty gets them from the policy. No collective."""
     s, d = _non_persistent_buffers(src), _non_persistent_buffers(dst)
     if set(s) != set(d):
-        raise ValueError(f"the two models' buffers differ: only in the source {sorted(set(s) - set(d))[:5]}, "
-                         f"only in the target {sorted(set(d) - set(s))[:5]}")
+        raise ValueError(
+            f"the two models' buffers differ: only in the source {sorted(set(s) - set(d))[:5]}, "
+            f"only in the target {sorted(set(d) - set(s))[:5]}"
+        )
     for name, b in s.items():
         d[name].data = b.data.to(d[name].device, copy=True)
 
 
 @torch.no_grad()
-def full_state_dict(module: torch.nn.Module, keep: Callable[[str], bool] = lambda name: True
-                    ) -> dict[str, torch.Tensor]:
+def full_state_dict(
+    module: torch.nn.Module, keep: Callable[[str], bool] = lambda name: True
+) -> dict[str, torch.Tensor]:
     """Whole CPU tensors of ``module``'s state dict (names for which ``keep`` is true), on process 0; the other
     processes get an empty dict. All processes call it."""
     out = {}
@@ -151,7 +160,9 @@ def full_state_dict(module: torch.nn.Module, keep: Callable[[str], bool] = lambd
 
 
 @torch.no_grad()
-def load_full_state_dict(module: torch.nn.Module, weights: dict[str, torch.Tensor], strict: bool = True) -> list[str]:
+def load_full_state_dict(
+    module: torch.nn.Module, weights: dict[str, torch.Tensor], strict: bool = True
+) -> list[str]:
     """Write whole tensors (every process passes the same ``weights``) into ``module``, whatever its sharding.
 
     Returns the names of ``module``'s entries absent from ``weights``; with ``strict``, any absent or

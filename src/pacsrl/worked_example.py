@@ -38,14 +38,17 @@ def main(argv: list[str] | None = None) -> int:
     r = implicit_reward(logps, ref, mask, beta=args.beta)
     psi = group_centre(r, 4, args.baseline)
     w = class_weights(labels, 4, args.weight_mode)
-    loss = pacs_loss(logps, ref, mask, labels, 4, beta=args.beta, baseline=args.baseline,
-                     weight_mode=args.weight_mode)
+    loss = pacs_loss(
+        logps, ref, mask, labels, 4, beta=args.beta, baseline=args.baseline, weight_mode=args.weight_mode
+    )
     loss.backward()
     adv = on_policy_advantage(labels, 4, baseline=args.baseline, weight_mode=args.weight_mode)
 
-    fmt = lambda t: "[" + ", ".join(f"{v:+.4f}" for v in t.tolist()) + "]"  # noqa: E731
-    print(f"PACS on one group of G=4 completions (beta={args.beta}, baseline={args.baseline}, "
-          f"weight_mode={args.weight_mode})")
+    fmt = lambda t: "[" + ", ".join(f"{v:+.4f}" for v in t.tolist()) + "]"
+    print(
+        f"PACS on one group of G=4 completions (beta={args.beta}, baseline={args.baseline}, "
+        f"weight_mode={args.weight_mode})"
+    )
     print(f"  labels R                      {fmt(labels)}")
     print(f"  implicit reward r = beta*sum log(pi/pi_ref)  {fmt(r.detach())}")
     print(f"  centred score psi             {fmt(psi.detach())}")
