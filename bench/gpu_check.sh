@@ -3,7 +3,8 @@
 # machine start not counted), from the
 # repository root:
 #   bash bench/gpu_check.sh [RESULTS_DIR]
-# 1. bench/step_time.py: PACS vs TRL's GRPO, step time and peak memory, random-init Qwen2.5-0.5B shape, bf16;
+# 1. bench/step_time.py: PACS and PPO vs TRL's GRPO, step time and peak memory, random-init Qwen2.5-0.5B shape, bf16
+#    (PPO added after the 176 s run; it has not run on a GPU yet);
 # 2. bench/sharded_reference.py under the recipes' DeepSpeed ZeRO-3 and FSDP2 accelerate configs (one process),
 #    full fine-tuning and LoRA: the fixed reference's resets, checkpoint and resume.
 # Needs trl, datasets, math-verify, deepspeed, peft importable (a folder .whl/ of wheels is installed first if present,
@@ -26,10 +27,10 @@ deepspeed.__version__)" >> "$RESULTS/gpu.txt" 2>&1
 cat "$RESULTS/gpu.txt"
 
 status=0
-echo "== step time: PACS vs GRPO"
-timeout 200 python3 bench/step_time.py --output "$WORK/step" ${STEP_ARGS:-} > "$RESULTS/step_time.log" 2>&1 || status=1
+echo "== step time: PACS and PPO vs GRPO"
+timeout 300 python3 bench/step_time.py --output "$WORK/step" ${STEP_ARGS:-} > "$RESULTS/step_time.log" 2>&1 || status=1
 cp "$WORK/step/step_time.json" "$RESULTS/" 2>/dev/null
-grep -A4 "^device:" "$RESULTS/step_time.log" || tail -20 "$RESULTS/step_time.log"
+grep -A5 "^device:" "$RESULTS/step_time.log" || tail -20 "$RESULTS/step_time.log"
 
 for kind in zero3 fsdp2; do
   for peft in "" --peft; do

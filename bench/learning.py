@@ -3,6 +3,7 @@
     python bench/learning.py                                   # every method, seeds 0,1,2, the demo's settings
     python bench/learning.py --methods pacs@1,grpo --seeds 0,1,2,3,4 --steps 40 --output runs/bench
     python bench/learning.py --quick --methods pacs,grpo --seeds 0,1     # smoke test
+    python bench/learning.py --methods pacs@1,grpo,rloo,ppo             # PACS against the three baselines
 
 Every run starts from the same checkpoint and uses the same settings as ``pacsrl demo`` (any demo option can be
 given: ``--lr``, ``--prompts-per-step``, ``--eval-size``, ``--model``...), so every method gets the same prompts,
@@ -12,7 +13,8 @@ the final held-out pass@1 and pass@n and of the area under the held-out pass@1 c
 trapezoid rule), as ``results.md`` and ``learning.png`` in the output folder. Each finished run is appended to
 ``runs.jsonl``; rerunning the same command resumes (finished runs are skipped).
 
-Methods: ``grpo``; ``pacs@BETA`` (class weights 'question'); ``pacs-noweight@BETA`` (weights 'none').
+Methods: ``grpo``, ``rloo`` (TRL's GRPO and RLOO, no KL); ``ppo`` (pacsrl's PPO with a critic, ``--critic-lr``);
+``pacs@BETA`` (class weights 'question'); ``pacs-noweight@BETA`` (weights 'none').
 """
 
 from __future__ import annotations

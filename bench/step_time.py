@@ -1,12 +1,14 @@
-"""Step time and peak memory of PACS against TRL's GRPO, in one run, on a random-init model.
+"""Step time and peak memory of PACS and PPO against TRL's GRPO, in one run, on a random-init model.
 
     python bench/step_time.py                                    # GPU: Qwen2.5-0.5B's shape, bf16
     python bench/step_time.py --tiny --steps 3                   # CPU smoke run (a few-million-parameter model)
 
-Both algorithms train the same random-init model (same seed, prompts, rollout sizes) for --steps optimizer
-steps; the script prints a Markdown table of the mean step time (first step excluded as warm-up), the
-PACS/GRPO ratio, and the peak GPU memory. No download: the model is built from a config and the
-tokenizer from a small local vocabulary, so it runs on machines without network.
+Every algorithm trains the same random-init model (same seed, prompts, rollout sizes) for --steps optimizer
+steps; the script prints a Markdown table of the mean step time (first step excluded as warm-up), its ratios to
+GRPO and to PACS, and the peak GPU memory. PPO also trains its critic (a second model of the same size, built from
+the same checkpoint), so its step includes the critic's forward and backward. No download: the model is built from
+a config (saved once to OUTPUT/init-model, which PPO's critic reads) and the tokenizer from a small local
+vocabulary, so it runs on machines without network.
 """
 
 from __future__ import annotations
@@ -65,11 +67,8 @@ def any_digit(completions, **kwargs):
     return [1.0 if any(ch.isdigit() for ch in t) else 0.0 for t in texts]
 
 
-def run(algorithm: str, args) -> dict:
-    from trl import GRPOConfig, GRPOTrainer
-
-    from pacsrl import PACSConfig, PACSTrainer
-
+def init_model(args) -> str:
+    """The random-init model, saved once: every algorithm starts from it (PPO's critic too)."""
     tok = build_tokenizer()
     torch.manual_seed(0)
     shape = TINY if args.tiny else QWEN25_05B
@@ -78,9 +77,22 @@ def run(algorithm: str, args) -> dict:
             vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **shape
         )
     )
-    gpu = torch.cuda.is_available()
-    if gpu:
+    if torch.cuda.is_available():
         model = model.to(torch.bfloat16)
+    path = os.path.join(args.output, "init-model")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def run(algorithm: str, args, path: str) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from pacsrl.algorithms import config_class, trainer_class
+
+    tok = build_tokenizer()
+    gpu = torch.cuda.is_available()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if gpu else torch.float32)
     ds = Dataset.from_list(
         [{"prompt": [{"role": "user", "content": f"what is {i} + {i} ?"}]} for i in range(512)]
     )
@@ -101,22 +113,11 @@ def run(algorithm: str, args) -> dict:
         "seed": 0,
         "gradient_checkpointing": args.checkpointing,
     }
-    if algorithm == "pacs":
-        trainer = PACSTrainer(
-            model=model,
-            reward_funcs=any_digit,
-            args=PACSConfig(**common),
-            train_dataset=ds,
-            processing_class=tok,
-        )
-    else:
-        trainer = GRPOTrainer(
-            model=model,
-            reward_funcs=any_digit,
-            args=GRPOConfig(**common, beta=0.0),
-            train_dataset=ds,
-            processing_class=tok,
-        )
+    extra = {"grpo": {"beta": 0.0}, "pacs": {}, "ppo": {"critic_model_name_or_path": path}}[algorithm]
+    config = config_class(algorithm)(**common, **extra)
+    trainer = trainer_class(algorithm)(
+        model=model, reward_funcs=any_digit, args=config, train_dataset=ds, processing_class=tok
+    )
     timer = StepTimer()
     trainer.add_callback(timer)
     if gpu:
@@ -147,16 +148,21 @@ def main() -> int:
     parser.add_argument("--tiny", action="store_true", help="a tiny model (CPU smoke run)")
     parser.add_argument("--output", default="outputs/bench-step-time")
     args = parser.parse_args()
-    results = [run(a, args) for a in ("grpo", "pacs")]
+    path = init_model(args)
+    results = [run(a, args, path) for a in ("grpo", "pacs", "ppo")]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(
         f"\ndevice: {device}; model: {results[0]['params_m']:.1f}M params; batch {args.batch}, G={args.group}, "
         f"{args.completion_length} new tokens, {args.steps} steps\n"
     )
-    print("| algorithm | step time (s) | vs GRPO | peak GPU memory (GiB) |\n|---|---:|---:|---:|")
+    print(
+        "| algorithm | step time (s) | vs GRPO | vs PACS | peak GPU memory (GiB) |\n|---|---:|---:|---:|---:|"
+    )
     for r in results:
-        ratio = r["step_time_s"] / results[0]["step_time_s"]
-        print(f"| {r['algorithm']} | {r['step_time_s']:.3f} | {ratio:.2f}x | {r['peak_memory_gib']:.2f} |")
+        grpo, pacs = (r["step_time_s"] / results[i]["step_time_s"] for i in (0, 1))
+        print(
+            f"| {r['algorithm']} | {r['step_time_s']:.3f} | {grpo:.2f}x | {pacs:.2f}x | {r['peak_memory_gib']:.2f} |"
+        )
     os.makedirs(args.output, exist_ok=True)
     with open(os.path.join(args.output, "step_time.json"), "w") as f:
         json.dump({"device": device, "args": vars(args), "results": results}, f, indent=2)

@@ -39,6 +39,8 @@ def test_curve_auc_trapezoid_hand_value():
     ("spec", "expected"),
     [
         ("grpo", Method("GRPO", "grpo")),
+        ("rloo", Method("RLOO", "rloo")),
+        ("PPO", Method("PPO", "ppo")),
         ("pacs", Method("PACS", "pacs", None, "question")),  # beta from the DemoConfig
         ("pacs@0.5", Method("PACS beta=0.5", "pacs", 0.5, "question")),
         ("PACS-noweight@2", Method("PACS w/o weights beta=2", "pacs", 2.0, "none")),
@@ -48,7 +50,7 @@ def test_method_parse(spec, expected):
     assert Method.parse(spec) == expected
 
 
-@pytest.mark.parametrize("spec", ["ppo", "pacs@", "pacs@-1", "pacs@0", "grpo@1", "pacs@1@2"])
+@pytest.mark.parametrize("spec", ["dpo", "pacs@", "pacs@-1", "pacs@0", "grpo@1", "ppo@1", "pacs@1@2"])
 def test_method_parse_rejects(spec):
     with pytest.raises(ValueError, match="method"):
         Method.parse(spec)
@@ -57,12 +59,13 @@ def test_method_parse_rejects(spec):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"algorithms": ("pacs", "ppo")}, "algorithms"),
+        ({"algorithms": ("pacs", "dpo")}, "algorithms"),
         ({"algorithms": ("pacs", "pacs")}, "twice"),
         ({"steps": 0}, "steps=0"),
         ({"num_generations": 1}, "at least 2"),
         ({"curve_size": 200, "eval_size": 100}, "curve_size=200 exceeds eval_size=100"),
         ({"learning_rate": -1.0}, "learning_rate"),
+        ({"critic_learning_rate": 0.0}, "critic_learning_rate"),
     ],
 )
 def test_demo_config_rejects(overrides, message):
@@ -101,8 +104,9 @@ def test_cli_quick_sizes_and_overrides():
     )
     assert config.task_config == {"min_terms": 2} and config.model == "/some/path"
     assert config.eval_size == quick.eval_size  # the rest stays at --quick's sizes
+    assert parser.parse_args(["--algorithms", "pacs,grpo,rloo,ppo"]).algorithms == ("pacs", "grpo", "rloo", "ppo")
     with pytest.raises(SystemExit):
-        parser.parse_args(["--algorithms", "pacs,ppo"])
+        parser.parse_args(["--algorithms", "pacs,dpo"])
 
 
 def test_comparison_table_formats_rows():
@@ -193,7 +197,9 @@ def test_bench_script_parses(tmp_path):
     )
     assert [m.name for m in args.method_list] == ["PACS beta=1", "PACS w/o weights beta=1", "GRPO"]
     assert args.seed_list == [0, 1, 2] and config.steps == DemoConfig.quick().steps
-    for bad in (["--seeds", "0"], ["--methods", "ppo"], ["--beta", "2"]):
+    args, _ = bench.parse_args(["--quick", "--methods", "pacs,grpo,rloo,ppo"])
+    assert [m.algorithm for m in args.method_list] == ["pacs", "grpo", "rloo", "ppo"]
+    for bad in (["--seeds", "0"], ["--methods", "dpo"], ["--beta", "2"]):
         with pytest.raises(SystemExit):
             bench.parse_args(bad)
     # the summary: mean and 95% t half-width over seeds
@@ -215,12 +221,14 @@ def test_demo_runs_any_local_checkpoint_with_a_chat_template(tmp_path):
 
     model_dir = save_tiny(tmp_path / "tiny")
     out = tmp_path / "report"
-    argv = ["--model", str(model_dir), "--output", str(out), "--quick", "--algorithms", "pacs"]
+    argv = ["--model", str(model_dir), "--output", str(out), "--quick", "--algorithms", "pacs,rloo,ppo"]
     argv += "--steps 2 --prompts-per-step 4 --num-generations 4 --eval-size 4 --eval-samples 2".split()
     argv += "--curve-every 2 --curve-size 4 --max-completion-length 8".split()
     rc = demo_main(argv)
     assert rc == 0
     metrics = json.loads((out / METRICS_FILE).read_text())
-    assert metrics["finished"] is True and set(metrics["methods"]) == {"pacs"}
+    assert metrics["finished"] is True and set(metrics["methods"]) == {"pacs", "rloo", "ppo"}
     assert metrics["settings"]["model"] == str(model_dir)
-    assert math.isfinite(metrics["methods"]["pacs"]["mean_train_reward"])
+    for name in ("pacs", "rloo", "ppo"):  # the baselines run on the same data and rewards
+        assert math.isfinite(metrics["methods"][name]["mean_train_reward"])
+    assert any("critic/value_loss" in h for h in metrics["methods"]["ppo"]["log_history"])

@@ -2,6 +2,7 @@
 
     pacsrl demo                       # about 6 minutes on 2 CPU threads: base, PACS and GRPO, a report folder
     pacsrl demo --quick               # about 15 s: a smoke test of the whole pipeline
+    pacsrl demo --algorithms pacs,grpo,rloo,ppo    # the baselines too: TRL's RLOO, pacsrl's PPO (with a critic)
     pacsrl demo --algorithms pacs --steps 100 --lr 5e-4 --output runs/my-demo
     pacsrl demo --model ./my-chat-checkpoint --task chain_sum
 
@@ -37,6 +38,7 @@ _FLAGS: dict[str, str] = {
     "--beta": "pacs_beta",
     "--weight-mode": "pacs_weight_mode",
     "--grpo-loss-type": "grpo_loss_type",
+    "--critic-lr": "critic_learning_rate",
     "--temperature": "temperature",
     "--max-completion-length": "max_completion_length",
     "--train-size": "train_size",

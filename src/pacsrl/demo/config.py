@@ -7,22 +7,22 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
+from pacsrl.algorithms import ALGORITHMS, Algorithm
 from pacsrl.demo import DEMO_TASK, DEMO_TASK_CONFIG
 
-Algorithm = Literal["pacs", "grpo"]
-ALGORITHMS: tuple[str, ...] = ("pacs", "grpo")
-_METHOD_SPEC = re.compile(r"(grpo|pacs|pacs-noweight)(?:@([0-9]*\.?[0-9]+(?:e-?[0-9]+)?))?")
+DEFAULT_ALGORITHMS: tuple[str, ...] = ("pacs", "grpo")
+_METHOD_SPEC = re.compile(r"(grpo|rloo|ppo|pacs|pacs-noweight)(?:@([0-9]*\.?[0-9]+(?:e-?[0-9]+)?))?")
 
 
 @dataclass
 class DemoConfig:
     """Settings of ``pacsrl demo`` and of each run of ``bench/learning.py``.
 
-    Both algorithms get the same prompts (same seed, same order), the same number of generated samples per step
+    Every algorithm gets the same prompts (same seed, same order), the same number of generated samples per step
     (``prompts_per_step * num_generations``), the same number of steps, learning rate, schedule and sampling
-    temperature; only the loss differs.
+    temperature; only the algorithm differs (PPO also trains its critic, at ``critic_learning_rate``).
     """
 
     model: str | None = field(
@@ -43,8 +43,11 @@ class DemoConfig:
         },
     )
     algorithms: tuple[str, ...] = field(
-        default=ALGORITHMS,
-        metadata={"help": "Algorithms to train, in order: 'pacs', 'grpo' (comma-separated)."},
+        default=DEFAULT_ALGORITHMS,
+        metadata={
+            "help": "Algorithms to train, in order, comma-separated: 'pacs', 'grpo' (TRL), 'rloo' (TRL, no KL), "
+            "'ppo' (pacsrl's, with a critic)."
+        },
     )
     steps: int = field(
         default=120, metadata={"help": "Optimizer steps per algorithm (updates_per_rollout per rollout)."}
@@ -77,6 +80,13 @@ class DemoConfig:
         metadata={
             "help": "GRPO: TRL's loss_type ('dapo' is TRL's default; 'grpo' the original per-sequence "
             "normalisation). KL beta is 0 for both algorithms, as in the paper."
+        },
+    )
+    critic_learning_rate: float = field(
+        default=3e-3,
+        metadata={
+            "help": "PPO: the critic's learning rate (10 x the default lr, verl's ratio of 1e-5 to 1e-6); PPO's other "
+            "settings are verl's defaults: GAE gamma = lam = 1, clip 0.2, value clip 0.5, no KL."
         },
     )
     temperature: float = field(
@@ -140,11 +150,12 @@ class DemoConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.num_generations < 2:
             raise ValueError(
-                f"num_generations={self.num_generations}: both algorithms compare a completion with the "
+                f"num_generations={self.num_generations}: PACS, GRPO and RLOO compare a completion with the "
                 "others of its prompt, so they need at least 2 (the paper uses 8)"
             )
-        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-            raise ValueError(f"learning_rate={self.learning_rate} must be a positive number")
+        for name in ("learning_rate", "critic_learning_rate"):
+            if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
+                raise ValueError(f"{name}={getattr(self, name)} must be a positive number")
         if self.curve_size > self.eval_size:
             raise ValueError(
                 f"curve_size={self.curve_size} exceeds eval_size={self.eval_size}: the curve uses the "
@@ -193,24 +204,24 @@ class Method:
 
     @classmethod
     def of(cls, algorithm: str) -> Method:
-        """The demo's method for an algorithm, with the ``DemoConfig``'s settings: ``PACS`` or ``GRPO``."""
+        """The demo's method for an algorithm, with the ``DemoConfig``'s settings: ``PACS``, ``GRPO``, ``RLOO``, ``PPO``."""
         return cls(algorithm.upper(), algorithm)  # type: ignore[arg-type]
 
     @classmethod
     def parse(cls, spec: str) -> Method:
-        """A method from its short spec: ``grpo``, ``pacs`` or ``pacs@BETA`` (class weights 'question'),
-        ``pacs-noweight`` or ``pacs-noweight@BETA`` (weights 'none'); e.g. ``pacs@0.5``."""
+        """A method from its short spec: ``grpo``, ``rloo``, ``ppo``, ``pacs`` or ``pacs@BETA`` (class weights
+        'question'), ``pacs-noweight`` or ``pacs-noweight@BETA`` (weights 'none'); e.g. ``pacs@0.5``."""
         match = _METHOD_SPEC.fullmatch(spec.strip().lower())
         if match is None:
             raise ValueError(
-                f"method {spec!r}: expected 'grpo', 'pacs', 'pacs@BETA', 'pacs-noweight' or "
+                f"method {spec!r}: expected 'grpo', 'rloo', 'ppo', 'pacs', 'pacs@BETA', 'pacs-noweight' or "
                 "'pacs-noweight@BETA' (e.g. 'pacs@0.5')"
             )
         kind, beta_text = match.group(1), match.group(2)
-        if kind == "grpo":
+        if kind in ("grpo", "rloo", "ppo"):
             if beta_text is not None:
-                raise ValueError(f"method {spec!r}: GRPO has no PACS beta (its KL beta is 0)")
-            return cls("GRPO", "grpo")
+                raise ValueError(f"method {spec!r}: {kind.upper()} has no PACS beta (its KL coefficient is 0)")
+            return cls(kind.upper(), kind)
         beta = float(beta_text) if beta_text is not None else None
         if beta is not None and not (beta > 0 and math.isfinite(beta)):
             raise ValueError(f"method {spec!r}: beta must be a positive number")
@@ -219,4 +230,4 @@ class Method:
         return cls(name, "pacs", beta, weights)
 
 
-__all__ = ["ALGORITHMS", "Algorithm", "DemoConfig", "Method"]
+__all__ = ["ALGORITHMS", "DEFAULT_ALGORITHMS", "Algorithm", "DemoConfig", "Method"]

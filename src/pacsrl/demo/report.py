@@ -155,14 +155,21 @@ def write_report(report: dict[str, Any], output_dir: Path) -> Path:
     plot_curves(report, output_dir)
     budget = s["steps"] * s["prompts_per_step"] * s["num_generations"]
     text = [
-        "# pacsrl demo: PACS vs GRPO",
+        f"# pacsrl demo: {' vs '.join(a.upper() for a in s['algorithms'])}",
         "",
         (
             f"Model `{s['model']}`, task `{s['task']}` {json.dumps(s['task_config'])}. Each algorithm: {s['steps']} steps "
             f"x {s['prompts_per_step']} prompts x {s['num_generations']} completions = {budget} generated samples, "
             f"{s['updates_per_rollout']} optimizer step(s) per rollout, lr {s['learning_rate']} (constant), rollout "
             f"temperature {s['temperature']}, max {s['max_completion_length']} completion tokens, seed {s['seed']}; PACS beta "
-            f"{s['pacs_beta']}, weights '{s['pacs_weight_mode']}'; GRPO loss_type '{s['grpo_loss_type']}', KL beta 0."
+            f"{s['pacs_beta']}, weights '{s['pacs_weight_mode']}'; GRPO loss_type '{s['grpo_loss_type']}', KL beta 0"
+            + ("; RLOO (TRL), KL beta 0" if "rloo" in s["algorithms"] else "")
+            + (
+                f"; PPO critic lr {s['critic_learning_rate']}, GAE gamma = lam = 1, clip 0.2, value clip 0.5, no KL"
+                if "ppo" in s["algorithms"]
+                else ""
+            )
+            + "."
         ),
         (
             f"Evaluation: {s['eval_size']} held-out problems x {s['eval_samples']} samples, temperature "

@@ -1,8 +1,8 @@
-"""Training one method: ``train_and_evaluate`` trains a fresh copy of the starting checkpoint with PACS or TRL's
-GRPO, tracks held-out pass@1 during training, evaluates the result and returns a ``MethodResult``.
+"""Training one method: ``train_and_evaluate`` trains a fresh copy of the starting checkpoint with PACS, TRL's GRPO
+or RLOO, or pacsrl's PPO, tracks held-out pass@1 during training, evaluates the result and returns a ``MethodResult``.
 
 The demo (``run_demo``, ``pacsrl demo``) and the learning benchmark (``bench/learning.py``) both call it, so they
-cannot drift apart. Both algorithms get the same settings (``trainer_config``); only the loss differs.
+cannot drift apart. Every algorithm gets the same settings (``trainer_config``); only the algorithm differs.
 """
 
 from __future__ import annotations
@@ -86,10 +86,9 @@ def _finite_or_none(x: float) -> float | None:
 
 
 def trainer_config(method: Method, config: DemoConfig, output_dir: Path) -> Any:
-    """The ``PACSConfig`` or ``GRPOConfig`` of a method: everything but the loss is shared."""
-    from trl import GRPOConfig
-
-    from pacsrl.config import PACSConfig
+    """The config of a method's algorithm (``pacsrl.algorithms``): everything but the algorithm is shared."""
+    from pacsrl.algorithms import config_class
+    from pacsrl.demo import demo_checkpoint_path
 
     shared = {
         "output_dir": str(output_dir),
@@ -116,8 +115,9 @@ def trainer_config(method: Method, config: DemoConfig, output_dir: Path) -> Any:
         "dataloader_num_workers": 0,
         "disable_tqdm": False,
     }
+    config_cls = config_class(method.algorithm)
     if method.algorithm == "pacs":
-        return PACSConfig(
+        return config_cls(
             **shared,
             pacs_beta=method.pacs_beta if method.pacs_beta is not None else config.pacs_beta,
             pacs_weight_mode=method.pacs_weight_mode or config.pacs_weight_mode,
@@ -125,7 +125,13 @@ def trainer_config(method: Method, config: DemoConfig, output_dir: Path) -> Any:
             # (the fast path leaves groups with equal labels out of the forward pass)
             pacs_on_policy_fast_path=False,
         )
-    return GRPOConfig(**shared, beta=0.0, loss_type=config.grpo_loss_type)
+    if method.algorithm == "grpo":
+        return config_cls(**shared, beta=0.0, loss_type=config.grpo_loss_type)
+    if method.algorithm == "rloo":
+        return config_cls(**shared, beta=0.0)
+    # PPO (verl's defaults for verifiable rewards, no KL): the critic starts from the same checkpoint as the policy
+    critic = str(config.model) if config.model is not None else str(demo_checkpoint_path())
+    return config_cls(**shared, critic_model_name_or_path=critic, critic_learning_rate=config.critic_learning_rate)
 
 
 def train_and_evaluate(
@@ -147,9 +153,7 @@ def train_and_evaluate(
             methods).
         on_update: called with the partial result after every curve point and at the end (to save it).
     """
-    from trl import GRPOTrainer
-
-    from pacsrl.trainer import PACSTrainer
+    from pacsrl.algorithms import trainer_class
 
     torch.set_num_threads(config.threads)
     model, tokenizer = load_policy(config.model)
@@ -178,7 +182,7 @@ def train_and_evaluate(
         on_point(0, {"pass@1": start_point})
 
     args = trainer_config(method, config, output_dir)
-    trainer_cls = PACSTrainer if method.algorithm == "pacs" else GRPOTrainer
+    trainer_cls = trainer_class(method.algorithm)
     curve = HeldOutCurveCallback(tokenizer, data.curve, config, data.reward_fn, on_point)
     trainer = trainer_cls(
         model=model,
