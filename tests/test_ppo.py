@@ -245,6 +245,15 @@ def test_lora_policy_with_gradient_checkpointing_trains_adapter_and_full_critic(
     assert _changed(critic, trainer.critic)  # the critic is a full model with its own optimizer
 
 
+def test_kl_coef_loads_the_reference_and_puts_the_kl_in_the_reward(tiny_path, tmp_path):
+    # one optimizer step per rollout: the first rollout's policy is the reference (KL exactly 0), the second's has moved
+    trainer = make_trainer(tiny_path, tmp_path, kl_coef=0.5, steps_per_generation=1, learning_rate=5e-2)
+    assert trainer.ref_model is not None  # TRL's reference model, loaded because beta = kl_coef > 0
+    trainer.train()
+    kls = [h["ppo/kl"] for h in trainer.state.log_history if "ppo/kl" in h]
+    assert len(kls) == 2 and kls[0] == 0.0 and kls[1] != 0.0 and math.isfinite(kls[1])
+
+
 @pytest.mark.parametrize("bad", [float("inf"), None])
 def test_non_finite_reward_names_the_function(tiny_path, tmp_path, bad):
     def flaky_verifier(completions, **kwargs):

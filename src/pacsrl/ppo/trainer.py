@@ -251,6 +251,9 @@ class PPOTrainer(GRPOTrainer):
         return_var = var(r1, r2)
         metrics["critic/explained_variance"].append(1.0 - var(e1, e2) / return_var if return_var > 0 else 0.0)
         metrics["ppo/advantages_mean_raw"].append(a1 / n)
+        if kl is not None:  # the mean per-token KL estimate log pi_old - log pi_ref in the reward
+            k = acc.reduce(torch.stack([(kl * m).sum(), m.sum()]), reduction="sum").tolist()
+            metrics["ppo/kl"].append(k[0] / max(k[1], 1.0))
         return output
 
     # ------------------------------------------------------------------------------------------------
