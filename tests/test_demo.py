@@ -104,7 +104,12 @@ def test_cli_quick_sizes_and_overrides():
     )
     assert config.task_config == {"min_terms": 2} and config.model == "/some/path"
     assert config.eval_size == quick.eval_size  # the rest stays at --quick's sizes
-    assert parser.parse_args(["--algorithms", "pacs,grpo,rloo,ppo"]).algorithms == ("pacs", "grpo", "rloo", "ppo")
+    assert parser.parse_args(["--algorithms", "pacs,grpo,rloo,ppo"]).algorithms == (
+        "pacs",
+        "grpo",
+        "rloo",
+        "ppo",
+    )
     with pytest.raises(SystemExit):
         parser.parse_args(["--algorithms", "pacs,dpo"])
 
@@ -222,8 +227,19 @@ def test_demo_runs_any_local_checkpoint_with_a_chat_template(tmp_path):
     model_dir = save_tiny(tmp_path / "tiny")
     out = tmp_path / "report"
     argv = ["--model", str(model_dir), "--output", str(out), "--quick", "--algorithms", "pacs,rloo,ppo"]
-    argv += "--steps 2 --prompts-per-step 4 --num-generations 4 --eval-size 4 --eval-samples 2".split()
-    argv += "--curve-every 2 --curve-size 4 --max-completion-length 8".split()
+    argv += [
+        "--steps",
+        "2",
+        "--prompts-per-step",
+        "4",
+        "--num-generations",
+        "4",
+        "--eval-size",
+        "4",
+        "--eval-samples",
+        "2",
+    ]
+    argv += ["--curve-every", "2", "--curve-size", "4", "--max-completion-length", "8"]
     rc = demo_main(argv)
     assert rc == 0
     metrics = json.loads((out / METRICS_FILE).read_text())

@@ -220,7 +220,9 @@ class Method:
         kind, beta_text = match.group(1), match.group(2)
         if kind in ("grpo", "rloo", "ppo"):
             if beta_text is not None:
-                raise ValueError(f"method {spec!r}: {kind.upper()} has no PACS beta (its KL coefficient is 0)")
+                raise ValueError(
+                    f"method {spec!r}: {kind.upper()} has no PACS beta (its KL coefficient is 0)"
+                )
             return cls(kind.upper(), kind)
         beta = float(beta_text) if beta_text is not None else None
         if beta is not None and not (beta > 0 and math.isfinite(beta)):

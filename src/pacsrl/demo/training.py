@@ -131,7 +131,9 @@ def trainer_config(method: Method, config: DemoConfig, output_dir: Path) -> Any:
         return config_cls(**shared, beta=0.0)
     # PPO (verl's defaults for verifiable rewards, no KL): the critic starts from the same checkpoint as the policy
     critic = str(config.model) if config.model is not None else str(demo_checkpoint_path())
-    return config_cls(**shared, critic_model_name_or_path=critic, critic_learning_rate=config.critic_learning_rate)
+    return config_cls(
+        **shared, critic_model_name_or_path=critic, critic_learning_rate=config.critic_learning_rate
+    )
 
 
 def train_and_evaluate(
