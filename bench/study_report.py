@@ -156,6 +156,14 @@ def reach_table(runs: Sequence[dict[str, Any]], names: Sequence[str], reference:
     return "\n".join(lines) + "\n"
 
 
+def times_table(runs: Sequence[dict[str, Any]], names: Sequence[str]) -> str:
+    lines = ["| method | seed | wall (s) | CPU (s) |", "|---|---:|---:|---:|"]
+    for name in names:
+        for r in sorted((r for r in runs if r["method"] == name), key=lambda r: r["seed"]):
+            lines.append(f"| {name} | {r['seed']} | {r['wall_seconds']:.0f} | {r['cpu_seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(runs: Sequence[dict[str, Any]], args: Any, config: Any, output: Path) -> Path:
     """Write ``results.md`` and the plots for the runs of this study in ``runs``; returns the results path."""
     names = method_names(args.method_specs)
@@ -201,6 +209,13 @@ def write_report(runs: Sequence[dict[str, Any]], args: Any, config: Any, output:
             "",
             reach_table(runs, names, reference),
         ]
+    text += [
+        "## Wall and CPU time per run",
+        "",
+        "Seconds per run in its own process (one torch thread), on the machine and load of the sitting that ran it.",
+        "",
+        times_table(runs, [BASE, *names]),
+    ]
     text += [f"![{p}]({p})" for p in PLOTS] + [""]
     plot_all(runs, [BASE, *names], _reference_names(args.method_specs), ks, config, output)
     path = output / "results.md"
