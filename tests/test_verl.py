@@ -6,6 +6,7 @@ group membership counted by hand.
 
 from __future__ import annotations
 
+import copy
 import math
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import torch
 
 verl = pytest.importorskip("verl", reason="the verl test install: see the README's test command")
 
+from omegaconf import OmegaConf
 from tensordict import TensorDict
 from verl.utils import tensordict_utils as tu
 from verl.workers.config import ActorConfig
@@ -243,44 +245,66 @@ def test_recipe_composes_with_verls_config_and_builds_pacs_configs():
     assert cfg.actor_rollout_ref.actor.optim.lr == 1e-6 and cfg.data.train_batch_size == 1024
 
 
+@pytest.fixture(scope="module")
+def recipe_config():
+    return compose_recipe()
+
+
+def with_setting(config, key, value):
+    config = copy.deepcopy(config)
+    OmegaConf.update(config, key, value, force_add=True)
+    return config
+
+
 REFUSED = [
-    ("actor_rollout_ref.actor.shuffle=true", "actor_rollout_ref.actor.shuffle"),
-    ("actor_rollout_ref.actor.use_kl_loss=true", "actor_rollout_ref.actor.use_kl_loss"),
-    ("algorithm.use_kl_in_reward=true", "algorithm.use_kl_in_reward"),
-    ("actor_rollout_ref.actor.entropy_coeff=0.001", "actor_rollout_ref.actor.entropy_coeff"),
-    ("algorithm.filter_groups.enable=true", "algorithm.filter_groups.enable"),
-    ("algorithm.rollout_correction.rollout_is=token", "algorithm.rollout_correction.rollout_is"),
-    ("algorithm.rollout_correction.bypass_mode=true", "algorithm.rollout_correction.bypass_mode"),
-    ("+actor_rollout_ref.actor.megatron.dynamic_context_parallel=true", "dynamic_context_parallel"),
-    ("trainer.v1.sampler.sync_refill_failed_groups=false", "sync_refill_failed_groups"),
-    ("actor_rollout_ref.actor.ppo_mini_batch_size=384", "actor_rollout_ref.actor.ppo_mini_batch_size"),
-    ("actor_rollout_ref.rollout.n=1", "actor_rollout_ref.rollout.n"),
-    ("algorithm.adv_estimator=grpo", "algorithm.adv_estimator"),
-    ("actor_rollout_ref.actor.policy_loss.loss_mode=vanilla", "policy_loss.loss_mode"),
-    ("actor_rollout_ref.actor.ppo_max_token_len_per_gpu=16384", "ppo_max_token_len_per_gpu"),
+    ("actor_rollout_ref.actor.shuffle", True),
+    ("actor_rollout_ref.actor.use_kl_loss", True),
+    ("algorithm.use_kl_in_reward", True),
+    ("actor_rollout_ref.actor.entropy_coeff", 0.001),
+    ("algorithm.filter_groups.enable", True),
+    ("algorithm.rollout_correction.rollout_is", "token"),
+    ("algorithm.rollout_correction.bypass_mode", True),
+    ("actor_rollout_ref.actor.megatron.dynamic_context_parallel", True),
+    ("trainer.use_v1", False),
+    ("trainer.v1.sampler.sync_refill_failed_groups", False),
+    ("actor_rollout_ref.actor.ppo_mini_batch_size", 384),
+    ("actor_rollout_ref.rollout.n", 1),
+    ("algorithm.adv_estimator", "grpo"),
+    ("actor_rollout_ref.actor.policy_loss.loss_mode", "vanilla"),
+    ("actor_rollout_ref.actor.ppo_max_token_len_per_gpu", 16384),
 ]
 
 
-@pytest.mark.parametrize("override,key", REFUSED, ids=[k for _, k in REFUSED])
-def test_each_refused_setting_is_refused_naming_its_key(override, key):
+@pytest.mark.parametrize("key,value", REFUSED, ids=[k for k, _ in REFUSED])
+def test_each_refused_setting_is_refused_naming_its_key(recipe_config, key, value):
     """Catches: a setting that splits groups or changes the objective passing start-up unnoticed."""
-    problems = config_problems(compose_recipe([override]))
-    assert len(problems) == 1 and key in problems[0], problems
+    problems = config_problems(with_setting(recipe_config, key, value))
+    assert len(problems) == 1 and problems[0].startswith(f"{key}="), problems
 
 
-def test_fixed_micro_batch_must_hold_whole_groups():
-    overrides = [
-        "actor_rollout_ref.actor.use_dynamic_bsz=false",
-        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=12",
-    ]
-    problems = config_problems(compose_recipe(overrides))
-    assert len(problems) == 1 and "ppo_micro_batch_size_per_gpu" in problems[0]
-    assert (
-        config_problems(
-            compose_recipe(overrides[:1] + ["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=16"])
-        )
-        == []
+def test_fixed_micro_batch_must_hold_whole_groups(recipe_config):
+    fixed = with_setting(recipe_config, "actor_rollout_ref.actor.use_dynamic_bsz", False)
+    problems = config_problems(
+        with_setting(fixed, "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu", 12)
     )
+    assert len(problems) == 1 and "ppo_micro_batch_size_per_gpu=12" in problems[0]
+    assert (
+        config_problems(with_setting(fixed, "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu", 16)) == []
+    )
+
+
+def test_check_config_lists_every_problem_in_one_error(recipe_config):
+    from pacsrl.verl import check_config
+
+    bad = with_setting(
+        with_setting(recipe_config, "actor_rollout_ref.actor.shuffle", True),
+        "algorithm.use_kl_in_reward",
+        True,
+    )
+    with pytest.raises(
+        ValueError, match=r"(?s)actor_rollout_ref.actor.shuffle=True.*algorithm.use_kl_in_reward=True"
+    ):
+        check_config(bad)
 
 
 def test_policy_loss_config_refuses_fixed_reference_and_unknown_modes():
