@@ -68,8 +68,11 @@ def make_trainer(cls, dp_size=2, mini_prompts=2, dynamic=True):
 
 
 def make_batch(lengths=LENGTHS, uids=UIDS):
-    keys = [f"{uid}_{s}_0" for uid in uids for s in range(G)]
-    tags = [{"seq_len": n, "status": "success"} for n in lengths[: len(keys)]]
+    """Rows in the order sessions finish: session 0 of every prompt, then session 1, ... (groups interleaved);
+    ``lengths`` are listed group by group."""
+    rows = [(uid, s, lengths[g * G + s]) for s in range(G) for g, uid in enumerate(uids)]
+    keys = [f"{uid}_{s}_0" for uid, s, _ in rows]
+    tags = [{"seq_len": n, "status": "success"} for _, _, n in rows]
     return KVBatchMeta(partition_id="train", keys=keys, tags=tags)
 
 
