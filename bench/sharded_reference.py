@@ -114,8 +114,9 @@ def sharded(module: torch.nn.Module | None) -> bool:
 def record_resets(trainer: PACSTrainer) -> list[int]:
     """The optimizer steps at which the trainer resets its reference, filled in as it trains."""
     steps = []
-    real = trainer._reset_reference
-    trainer._reset_reference = lambda: (real(), steps.append(trainer.state.global_step))
+    reference = trainer.fixed_reference
+    real = reference.reset
+    reference.reset = lambda: (real(), steps.append(trainer.state.global_step))
     return steps
 
 
@@ -156,7 +157,7 @@ def main() -> int:
         return abs(h[f"{prefix}pacs/implicit_reward/mean"]) + h[f"{prefix}pacs/implicit_reward/std"]
 
     ok = {
-        "resets_at_2_and_4": resets == [2, 4] and trainer._pacs_ref_version == 2,
+        "resets_at_2_and_4": resets == [2, 4] and trainer.fixed_reference.version == 2,
         "ref_equals_policy_after_reset": size(logs[1]) <= args.tol and size(logs[3]) <= args.tol,
         "ref_differs_one_step_later": size(logs[2]) > args.tol and size(logs[4]) > args.tol,
         # step 4 replayed (same data and sampling after the restored RNG): same implicit rewards as the first run,
@@ -164,7 +165,7 @@ def main() -> int:
         "resume_restores_reference": 4 in resumed_logs and abs(size(resumed_logs[4]) - size(logs[4]))
         <= args.tol * max(1.0, size(logs[4])) and size(resumed_logs[4]) > args.tol,
         # the counter saved at step 3 (1 reset) continues: the step-4 reset is the second
-        "resume_continues_counter": resumed_resets == [4] and resumed._pacs_ref_version == 2,
+        "resume_continues_counter": resumed_resets == [4] and resumed.fixed_reference.version == 2,
         "eval_ref_differs_before_reset": all(size(eval_logs[k], "eval_") > args.tol for k in (1, 3)),
         "eval_ref_equals_policy_after_reset": all(size(eval_logs[k], "eval_") <= args.tol for k in (2, 4)),
         "finite_losses": all(math.isfinite(h["pacs/loss"]) for h in list(logs.values()) + list(resumed_logs.values())),
@@ -175,7 +176,7 @@ def main() -> int:
               # wait for it), and the policy's and the reference's parameters are shards
               "nan_until_prepared": gather_object([nan_until_prepared]),
               "policy_sharded": gather_object([sharded(trainer.model)]),
-              "reference_sharded": gather_object([sharded(trainer.pacs_ref_model)]),
+              "reference_sharded": gather_object([sharded(trainer.fixed_reference.model)]),
               "implicit_reward_size": {step: size(h) for step, h in logs.items()},
               "resumed_implicit_reward_size": {step: size(h) for step, h in resumed_logs.items()},
               "eval_implicit_reward_size": {step: size(h, "eval_") for step, h in eval_logs.items()},

@@ -9,6 +9,7 @@ import torch
 from datasets import Dataset
 
 import pacsrl.config as config_mod
+import pacsrl.reference as reference_mod
 import pacsrl.trainer as trainer_mod
 from pacsrl import PACSConfig, PACSTrainer
 from pacsrl.objective import pacs_loss
@@ -247,35 +248,35 @@ def test_fixed_reference_resets_on_schedule_and_resumes(tmp_path):
     trainer = make_trainer(tmp_path, max_steps=4, pacs_reference="fixed", pacs_ref_reset_steps=2,
                            save_strategy="steps", save_steps=2, pacs_beta=0.5, reward=every_third)
     events = []
-    real_reset = trainer._reset_reference
+    real_reset = trainer.fixed_reference.reset
 
     def spy():
         opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
         had_state = len(opt.state) > 0
         real_reset()
         policy = trainer.accelerator.unwrap_model(trainer.model).state_dict()
-        ref = trainer.accelerator.unwrap_model(trainer.pacs_ref_model).state_dict()
+        ref = trainer.fixed_reference.module().state_dict()
         same = all(torch.equal(policy[k], ref[k]) for k in policy)
         events.append((trainer.state.global_step, had_state, len(opt.state), same))
 
-    trainer._reset_reference = spy
+    trainer.fixed_reference.reset = spy
     trainer.train()
     assert [e[0] for e in events] == [2, 4]
     assert all(e[1] and e[2] == 0 and e[3] for e in events)  # optimizer state cleared, reference == policy
-    assert trainer._pacs_ref_version == 2
+    assert trainer.fixed_reference.version == 2
 
     # resume from the step-2 checkpoint: the reference is the one saved there, the counter continues
     resumed = make_trainer(tmp_path, max_steps=3, pacs_reference="fixed", pacs_ref_reset_steps=2,
                            save_strategy="no", pacs_beta=0.5, reward=every_third)
     resumed_events = []
-    real = resumed._reset_reference
-    resumed._reset_reference = lambda: (real(), resumed_events.append(resumed.state.global_step))
+    real = resumed.fixed_reference.reset
+    resumed.fixed_reference.reset = lambda: (real(), resumed_events.append(resumed.state.global_step))
     ckpt = tmp_path / "out" / "checkpoint-2"
     saved_ref = torch.load(ckpt / "pacs_reference_model.pt", weights_only=True)
     resumed.train(resume_from_checkpoint=str(ckpt))
     assert resumed_events == []  # the next reset is due at step 4, after this run's last step
-    assert resumed._pacs_ref_version == 1 and resumed._pacs_ref_step == 2  # the counter came back
-    ref_now = resumed.accelerator.unwrap_model(resumed.pacs_ref_model).state_dict()
+    assert resumed.fixed_reference.version == 1 and resumed.fixed_reference.step == 2  # the counter came back
+    ref_now = resumed.fixed_reference.module().state_dict()
     assert saved_ref and all(torch.equal(ref_now[k], v) for k, v in saved_ref.items())  # the saved reference
     fresh = build_model(build_tokenizer(), seed=0).state_dict()
     assert any(not torch.equal(fresh[k], v) for k, v in saved_ref.items())  # ... which is not the initial model
@@ -284,10 +285,10 @@ def test_fixed_reference_resets_on_schedule_and_resumes(tmp_path):
     again = make_trainer(tmp_path, max_steps=4, pacs_reference="fixed", pacs_ref_reset_steps=2,
                          save_strategy="no", pacs_beta=0.5, reward=every_third)
     again_events = []
-    real_again = again._reset_reference
-    again._reset_reference = lambda: (real_again(), again_events.append(again.state.global_step))
+    real_again = again.fixed_reference.reset
+    again.fixed_reference.reset = lambda: (real_again(), again_events.append(again.state.global_step))
     again.train(resume_from_checkpoint=str(ckpt))
-    assert again_events == [4] and again._pacs_ref_version == 2
+    assert again_events == [4] and again.fixed_reference.version == 2
 
 
 # --------------------------------------------------------------------------------------------------
@@ -445,14 +446,14 @@ def test_fixed_reference_with_lora_is_a_frozen_adapter_copy(tmp_path):
     start = adapters(trainer.model)
     assert all(torch.equal(a, b) and not frozen for a, b, frozen in start)  # a frozen copy of the adapter
     snapshots = {}
-    real = trainer._reset_reference
+    real = trainer.fixed_reference.reset
 
     def spy():
         snapshots[trainer.state.global_step] = ("before", adapters(trainer.model))
         real()
         snapshots[trainer.state.global_step] = ("after", adapters(trainer.model))
 
-    trainer._reset_reference = spy
+    trainer.fixed_reference.reset = spy
     trainer.train()
     _, after_reset = snapshots[2]
     assert all(torch.equal(a, b) for a, b, _ in after_reset)  # reset: reference adapter == trained adapter
@@ -469,7 +470,7 @@ def test_fixed_reference_with_lora_is_a_frozen_adapter_copy(tmp_path):
                           args=PACSConfig(output_dir=str(tmp_path / "b"), save_strategy="no", **common),
                           train_dataset=make_dataset(), peft_config=peft.LoraConfig(**lora))
     resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
-    assert resumed._pacs_ref_version == 1
+    assert resumed.fixed_reference.version == 1
     assert all(torch.equal(b_res, b_saved) for (_, b_res, _), (_, b_saved, _) in zip(adapters(resumed.model),
                                                                                      after_reset))
 
@@ -487,7 +488,7 @@ def test_fixed_reference_is_the_policy_right_after_it_is_built(tmp_path, dtype):
     trainer = PACSTrainer(model=model, reward_funcs=every_third, args=args, train_dataset=make_dataset(),
                           processing_class=tok)
     policy = trainer.accelerator.unwrap_model(trainer.model)
-    ref = trainer.accelerator.unwrap_model(trainer.pacs_ref_model)
+    ref = trainer.fixed_reference.module()
     if dtype == torch.bfloat16:
         assert policy.lm_head.weight.dtype == torch.float32  # TRL's cast (tied: the embedding too)
     assert policy.model.layers[0].mlp.up_proj.weight.dtype == dtype
@@ -510,13 +511,13 @@ def test_deferred_reference_gets_the_policy_at_train_start_unless_resumed(tmp_pa
     from transformers import TrainerCallback
 
     def start(trainer):
-        ref = trainer._ref_module()
+        ref = trainer.fixed_reference.module()
         with torch.no_grad():
             for p in ref.parameters():
                 p.zero_()  # what the reference holds before it is given weights
             for b in ref.buffers():
                 b.fill_(float("nan"))  # non-persistent buffers (rotary frequencies) too: never in a checkpoint
-        trainer._pacs_ref_pending = True
+        trainer.fixed_reference.pending = True
         seen = {}
 
         class AtFirstStep(TrainerCallback):
@@ -537,7 +538,7 @@ def test_deferred_reference_gets_the_policy_at_train_start_unless_resumed(tmp_pa
     seen = start(trainer)
     trainer.train()
     assert all(torch.equal(seen["ref"][k], v) for k, v in seen["policy"].items())  # filled from the policy
-    assert seen["buffers"] and not trainer._pacs_ref_pending
+    assert seen["buffers"] and not trainer.fixed_reference.pending
 
     resumed = make_trainer(tmp_path, max_steps=3, save_strategy="no", **kwargs)
     seen = start(resumed)
@@ -557,4 +558,175 @@ def test_reference_dtype_ignores_a_dominant_fp32_embedding():
     embedding = model.get_input_embeddings().weight.numel()
     body = sum(p.numel() for p in model.parameters()) - embedding
     assert model.get_input_embeddings().weight.dtype == torch.float32 and embedding > body  # fp32 has the majority
-    assert trainer_mod._main_dtype(model) == torch.bfloat16
+    assert reference_mod._main_dtype(model) == torch.bfloat16
+
+
+# --------------------------------------------------------------------------------------------------
+# drop-in for GRPOTrainer: constructor, environments, evaluation with one generation
+# --------------------------------------------------------------------------------------------------
+def test_constructor_signature_is_grpo_trainers():
+    import inspect
+
+    from trl import GRPOTrainer
+
+    def params(cls):
+        return [(p.name, p.kind, p.default) for p in inspect.signature(cls.__init__).parameters.values()]
+
+    assert params(PACSTrainer) == params(GRPOTrainer)
+
+
+class ScoredEnv:
+    """A TRL environment that owns the reward (``get_reward``): every rollout scores 1."""
+
+    def reset(self, **kwargs):
+        return None
+
+    def get_reward(self):
+        return 1.0
+
+
+def tool_tokenizer():
+    """The tiny tokenizer with a chat template that renders tool calls, as TRL requires with environments."""
+    tok = build_tokenizer()
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}:{{ m['content'] }}"
+        "{% for c in m.get('tool_calls', []) or [] %}{{ c['function']['name'] }}"
+        "({{ c['function']['arguments'] | tojson }}){% endfor %}<|im_end|>{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant:{% endif %}"
+    )
+    return tok
+
+
+@pytest.mark.slow
+def test_environment_provides_the_reward_and_no_reward_source_is_trls_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
+    tok = tool_tokenizer()
+    args = PACSConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
+                      max_completion_length=4, max_steps=1, report_to=[], use_cpu=True, save_strategy="no",
+                      disable_tqdm=True, logging_steps=1)
+    trainer = PACSTrainer(model=build_model(tok), args=args, train_dataset=make_dataset(), processing_class=tok,
+                          environment_factory=ScoredEnv)
+    assert trainer.reward_func_names == ["ScoredEnv"]
+    trainer.train()
+    log = next(h for h in trainer.state.log_history if "pacs/label_mean" in h)
+    assert log["rewards/ScoredEnv/mean"] == 1.0 and log["pacs/label_mean"] == 1.0  # labels from the environment
+    with pytest.raises(ValueError, match="No reward source provided"):
+        PACSTrainer(model=build_model(tok), args=args, train_dataset=make_dataset(), processing_class=tok)
+
+
+@pytest.mark.slow
+def test_evaluation_with_one_generation_logs_rewards_and_leaves_out_group_metrics(tmp_path):
+    tok = build_tokenizer()
+    args = PACSConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4,
+                      max_completion_length=6, max_steps=1, report_to=[], use_cpu=True, save_strategy="no",
+                      disable_tqdm=True, eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=4,
+                      num_generations_eval=1)
+    trainer = PACSTrainer(model=build_model(tok), reward_funcs=every_third, args=args, train_dataset=make_dataset(),
+                          eval_dataset=make_dataset(8), processing_class=tok)
+    trainer.train()
+    evals = [h for h in trainer.state.log_history if "eval_reward" in h]
+    assert len(evals) == 1
+    log = evals[0]
+    # 8 prompts, one completion each, scored 1 at rows 0, 3 (every_third per batch of 4): 2 of 4 per batch
+    assert log["eval_rewards/every_third/mean"] == pytest.approx(0.5) and log["eval_pacs/label_mean"] == 0.5
+    assert math.isfinite(log["eval_entropy"]) and log["eval_loss"] == 0.0
+    assert [k for k in log if k.startswith("eval_pacs/")] == ["eval_pacs/label_mean"]
+
+
+# --------------------------------------------------------------------------------------------------
+# dropout: pi_old and pi_ref are computed without it; PACS turns it off by default
+# --------------------------------------------------------------------------------------------------
+def lora_trainer(tmp_path, **overrides):
+    peft = pytest.importorskip("peft")
+    tok = build_tokenizer()
+    kwargs = dict(output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4,
+                  max_completion_length=6, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
+                  logging_steps=1, pacs_reference="fixed", pacs_ref_reset_steps=1, learning_rate=0.0,
+                  pacs_on_policy_fast_path=False)
+    kwargs.update(overrides)
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.5,
+                           init_lora_weights=False)
+    return PACSTrainer(model=build_model(tok), reward_funcs=every_third, args=PACSConfig(**kwargs),
+                       train_dataset=make_dataset(), processing_class=tok, peft_config=lora)
+
+
+@pytest.mark.slow
+def test_lora_dropout_leaves_psi_exactly_zero_right_after_a_reset(tmp_path):
+    """lr 0 and a reset after every step: every update sees pi_theta == pi_ref, so psi must be exactly 0 (with
+    dropout in either forward it was 0.3)."""
+    trainer = lora_trainer(tmp_path, max_steps=2)
+    assert trainer.args.disable_dropout  # PACS's default
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "pacs/psi/std" in h]
+    assert len(logs) == 2
+    assert all(h["pacs/psi/std"] == 0.0 and h["pacs/implicit_reward/std"] == 0.0 for h in logs)
+
+
+@pytest.mark.slow
+def test_reference_and_old_log_probs_have_no_dropout_even_when_the_policy_has(tmp_path):
+    trainer = lora_trainer(tmp_path, max_steps=1, disable_dropout=False, steps_per_generation=2,
+                           pacs_reference="old")
+    trainer.train()  # steps_per_generation=2: TRL recomputes pi_old for the buffered micro-batches
+    inputs = trainer._buffered_inputs[1]
+    model = trainer.model
+    model.train()
+    modes = [m.training for m in model.modules()]
+    with torch.no_grad():
+        first, _ = trainer._forward(model, inputs, compute_entropy=False)
+        second, _ = trainer._forward(model, inputs, compute_entropy=False)
+        model.eval()
+        no_dropout, _ = trainer._forward(model, inputs, compute_entropy=False)
+        model.train()
+    assert [m.training for m in model.modules()] == modes  # modes restored
+    mask = inputs["completion_mask"].bool()
+    assert torch.equal(first[mask], second[mask]) and torch.equal(first[mask], no_dropout[mask])
+    assert torch.allclose(inputs["old_per_token_logps"][mask], no_dropout[mask], atol=1e-5)  # TRL's pi_old too
+    noisy, _ = trainer._forward(model, inputs)  # with gradient (the policy's forward): dropout as configured, on
+    assert (noisy.detach() - no_dropout)[mask].abs().max() > 1e-3
+
+
+# --------------------------------------------------------------------------------------------------
+# MoE: the router's load-balancing loss and the fast path
+# --------------------------------------------------------------------------------------------------
+def build_moe(tok, seed=0):
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2MoeConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                            shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            max_position_embeddings=256, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                            bos_token_id=None, tie_word_embeddings=True, output_router_logits=True,
+                            router_aux_loss_coef=0.5)
+    return Qwen2MoeForCausalLM(config)
+
+
+@pytest.mark.slow
+def test_moe_router_loss_gets_the_same_gradients_with_the_fast_path_on(tmp_path):
+    """The router loss depends on every forwarded token: skipping groups would change its gradient (by 1e-2 against
+    a scale of 0.56 here), so the fast path must not skip any."""
+    tok = build_tokenizer()
+    args = PACSConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4,
+                      max_completion_length=8, max_steps=1, report_to=[], use_cpu=True, save_strategy="no",
+                      learning_rate=0.0, disable_tqdm=True, pacs_beta=0.5)
+    trainer = PACSTrainer(model=build_moe(tok), reward_funcs=first_group_mixed, args=args,
+                          train_dataset=make_dataset(), processing_class=tok)
+    assert trainer.aux_loss_enabled
+    trainer.train()
+    trainer.state.global_step = trainer._pacs_old_step
+    inputs = trainer._buffered_inputs[0]
+    labels = inputs["pacs_labels"].view(-1, 4)
+    mixed = labels.min(1).values != labels.max(1).values
+    assert bool(mixed.any()) and not bool(mixed.all()), "the micro-batch needs one mixed and one uniform group"
+    trainer.model.train()
+    trainer.args.pacs_on_policy_fast_path = True
+    trainer._metrics["train"].clear()
+    fast_loss, fast = _grads(trainer, inputs)
+    assert trainer._metrics["train"]["aux_loss"] and trainer._metrics["train"]["pacs/skipped_groups"] == [0.0]
+    trainer.args.pacs_on_policy_fast_path = False
+    full_loss, full = _grads(trainer, inputs)
+    assert fast_loss.item() == pytest.approx(full_loss.item(), rel=1e-6)
+    scale = max(g.abs().max().item() for g in full)
+    assert scale > 0
+    for a, b in zip(fast, full):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7 * scale)

@@ -86,6 +86,9 @@ class PACSConfig(GRPOConfig):
             A completion's label is 1 when the weighted mean of its rewards reaches this threshold.
         pacs_on_policy_fast_path (`bool`, *optional*, defaults to `True`):
             Use the exact on-policy gradient, and skip groups with zero advantage, when pi_theta == pi_ref.
+        disable_dropout (`bool`, *optional*, defaults to `True`):
+            GRPOConfig's field with PACS's default: dropout off, because its noise adds up in the token sum of the
+            implicit reward.
     """
 
     pacs_beta: float = field(
@@ -149,11 +152,21 @@ class PACSConfig(GRPOConfig):
             "on-policy gradient and skip the forward/backward of groups whose advantage is exactly 0 (all labels "
             "equal). Same gradients as the full loss. On micro-batches where groups were skipped, the entropy of "
             "the forwarded groups is logged as `pacs/entropy_forwarded_groups` instead of `entropy`; turn the fast "
-            "path off to have `entropy` over every group on every step (e.g. to compare with GRPO's)."
+            "path off to have `entropy` over every group on every step (e.g. to compare with GRPO's). Always off "
+            "for MoE models that train their router loss (router_aux_loss_coef != 0), which depends on every token."
         },
     )
 
     # GRPOConfig defaults that PACS changes (see the module docstring).
+    disable_dropout: bool = field(
+        default=True,
+        metadata={
+            "help": "Turn the model's dropout off (GRPOConfig's default is False). PACS's implicit reward sums "
+            "log(pi_theta/pi_ref) over every token of a completion, so dropout noise in the policy's forward adds up "
+            "over thousands of tokens, makes psi non-zero where pi_theta == pi_ref, and breaks the on-policy fast "
+            "path's equality with the full loss. pi_old and the fixed pi_ref are computed without dropout either way."
+        },
+    )
     loss_type: str = field(
         default="pacs",
         metadata={"help": "Must be 'pacs': the PACS trainer's loss is its weighted BCE (pacs_* fields)."},

@@ -1,28 +1,22 @@
-"""``PACSTrainer``: TRL's ``GRPOTrainer`` trained with the PACS objective of ``pacsrl.objective``."""
+"""``PACSTrainer``: TRL's ``GRPOTrainer`` trained with the PACS objective of ``pacsrl.objective``.
+
+Reading order: rollouts get 0/1 labels and group ids (``_generate_and_score_completions``), whole groups are
+shuffled into micro-batches (``_prepare_inputs``), and the loss is computed on each (``_compute_loss``). The fixed
+reference of ``pacs_reference="fixed"`` lives in ``pacsrl.reference``.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import json
 import logging
 import math
 import os
-from typing import Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
-from accelerate.utils import is_peft_model
-from transformers import AutoModelForCausalLM, TrainerCallback
-from transformers.initialization import no_init_weights
 from trl import GRPOTrainer
-from trl.models import prepare_deepspeed, prepare_fsdp
-from trl.trainer.utils import (
-    add_fused_lm_head,
-    split_pixel_values_by_grid,
-    split_tensor_dict,
-    unsplit_pixel_values_by_grid,
-    use_adapter,
-)
+from trl.trainer.utils import split_pixel_values_by_grid, split_tensor_dict, unsplit_pixel_values_by_grid
 
 from pacsrl.config import PACSConfig
 from pacsrl.objective import (
@@ -34,16 +28,16 @@ from pacsrl.objective import (
     pacs_loss,
     pacs_on_policy_loss,
 )
-from pacsrl.sharded import copy_buffers, copy_module, copy_tensors, full_state_dict, load_full_state_dict
+from pacsrl.reference import FixedReference, ResetCallback
+
+if TYPE_CHECKING:
+    from trl.trainer.grpo_trainer import EnvironmentFactory, RewardFunc, RolloutFunc
 
 logger = logging.getLogger(__name__)
 
 # keys of a GRPO batch that hold per-sample images; the fast path does not subset rows when present
 _MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
                     "num_images", "num_tiles", "image_position_ids")
-_REF_STATE_FILE = "pacs_reference_state.json"
-_REF_WEIGHTS_FILE = "pacs_reference_model.pt"
-_REF_ADAPTER = "pacs_ref"
 
 
 def labels_from_rewards(rewards_per_func: torch.Tensor, weights: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -72,20 +66,6 @@ def labels_from_rewards(rewards_per_func: torch.Tensor, weights: torch.Tensor, t
     return (mean >= threshold - 1e-6).to(rewards_per_func.dtype)
 
 
-class _ReferenceResetCallback(TrainerCallback):
-    """Resets the fixed PACS reference (and the optimizer state) every ``pacs_ref_reset_steps`` optimizer steps."""
-
-    def __init__(self, trainer: PACSTrainer):
-        self.trainer = trainer
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.trainer._init_pending_reference()  # after accelerate has prepared (sharded) the policy
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step % args.pacs_ref_reset_steps == 0:
-            self.trainer._reset_reference()
-
-
 class PACSTrainer(GRPOTrainer):
     """PACS (arXiv 2509.02522) on TRL's ``GRPOTrainer``: same constructor, datasets, reward functions and launchers.
 
@@ -95,11 +75,10 @@ class PACSTrainer(GRPOTrainer):
 
     Overrides, and why:
 
-    - ``__init__``: checks that ``args`` is a ``PACSConfig``; builds the frozen reference for
-      ``pacs_reference="fixed"`` (a copy of the model with the policy's dtypes, prepared for DeepSpeed / FSDP2
-      like TRL's own reference model, or with PEFT a frozen copy of the adapter, named ``pacs_ref``) and
-      registers the callback that resets it. Copies, saves and loads of the reference go through
-      ``pacsrl.sharded``, which handles ZeRO-3 and FSDP2 shards one tensor at a time.
+    - ``__init__``: GRPOTrainer's own signature (``reward_funcs`` may be None when an ``environment_factory``
+      provides the reward); checks that ``args`` is a ``PACSConfig``; for ``pacs_reference="fixed"`` builds the
+      frozen reference (``pacsrl.reference.FixedReference``: a copy of the model, or with PEFT of the adapter)
+      and registers the callback that resets it.
     - ``_calculate_rewards``: keeps the rewards of every reward function (gathered across processes), from which
       the 0/1 labels are made; TRL itself only keeps its GRPO advantages.
     - ``_generate_and_score_completions``: adds ``pacs_labels`` and ``pacs_group_ids`` to the batch, checks that
@@ -107,7 +86,12 @@ class PACSTrainer(GRPOTrainer):
     - ``_prepare_inputs``: GRPO shuffles single rows of the generation batch before cutting it into
       micro-batches; PACS shuffles whole groups instead, so a group is never split across micro-batches
       (the loss of a completion depends on every member of its group). Otherwise the same buffering.
-    - ``_compute_loss``: the PACS loss, with the on-policy fast path (see below) and the ``pacs/*`` metrics.
+    - ``_get_per_token_logps_and_entropies``: the forwards without gradient (pi_old, recomputed by TRL, and the
+      fixed pi_ref) run with every module in eval mode, so no dropout noise (LoRA's included) enters the
+      implicit reward, which sums the log-ratio over every token of a completion.
+    - ``_compute_loss``: the PACS loss, with the on-policy fast path (see below) and the ``pacs/*`` metrics. In
+      evaluation with ``num_generations_eval=1`` there is no group to centre against: no PACS loss (0 is
+      returned, as GRPO's loss is 0 there) and no ``pacs/*`` metrics but ``pacs/label_mean``.
     - ``_save_checkpoint`` / ``_load_optimizer_and_scheduler``: save and restore the fixed reference and its
       reset counter, so a resumed run continues the same schedule.
 
@@ -121,13 +105,32 @@ class PACSTrainer(GRPOTrainer):
     ``-(beta/N) sum_k A_k grad S_k`` (``pacsrl.objective.on_policy_advantage``). Groups whose advantage is 0
     (all labels equal) then carry no gradient and are left out of the forward/backward (``pacs/skipped_groups``).
     A process whose groups are all skipped still runs a zero-weighted forward/backward on one group, so that
-    gradient synchronisation (DDP, ZeRO, FSDP) sees the same collective calls on every process.
+    gradient synchronisation (DDP, ZeRO, FSDP) sees the same collective calls on every process. The fast path is
+    off for MoE models whose router load-balancing loss is trained (TRL's ``aux_loss_enabled``: the config has
+    ``output_router_logits`` and ``router_aux_loss_coef != 0``): that loss depends on every forwarded token, so
+    skipping groups would change its gradient.
     """
 
     _tag_names = ["trl", "pacs"]
     _name = "PACS"
 
-    def __init__(self, model, reward_funcs, args: PACSConfig | None = None, *pargs, **kwargs):
+    def __init__(
+        self,
+        model,
+        reward_funcs: RewardFunc | list[RewardFunc] | None = None,
+        args: PACSConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        reward_processing_classes=None,
+        callbacks=None,
+        optimizers=(None, None),
+        quantization_config=None,
+        peft_config=None,
+        tools=None,
+        rollout_func: RolloutFunc | None = None,
+        environment_factory: EnvironmentFactory | dict[str, EnvironmentFactory] | None = None,
+    ):
         if args is None:
             model_name = model if isinstance(model, str) else model.config._name_or_path
             args = PACSConfig(f"{str(model_name).split('/')[-1]}-PACS")
@@ -136,153 +139,23 @@ class PACSTrainer(GRPOTrainer):
                 f"PACSTrainer needs a pacsrl.PACSConfig, got {type(args).__name__}; PACSConfig accepts every "
                 "GRPOConfig field plus the pacs_* fields"
             )
-        super().__init__(model, reward_funcs, args, *pargs, **kwargs)
+        super().__init__(
+            model, reward_funcs, args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+            processing_class=processing_class, reward_processing_classes=reward_processing_classes,
+            callbacks=callbacks, optimizers=optimizers, quantization_config=quantization_config,
+            peft_config=peft_config, tools=tools, rollout_func=rollout_func, environment_factory=environment_factory,
+        )
         self._pacs_rewards_per_func: torch.Tensor | None = None  # (N_all, K) of the last rollout
         self._pacs_generation = 0  # rollouts so far, part of the group ids
         self._pacs_old_step = -1  # optimizer step at which the buffered rollout was generated (pi_old)
         self._pacs_aux_loss: torch.Tensor | None = None
-        self._pacs_ref_step = 0  # optimizer step at which pi_ref was last set equal to pi_theta
-        self._pacs_ref_version = 0  # number of resets of the fixed reference
-        self.pacs_ref_model = None  # the frozen copy (full fine-tuning); with PEFT, an adapter named "pacs_ref"
-        self._pacs_ref_adapter: str | None = None
-        self._pacs_ref_pending = False  # the reference still has to be given the policy's weights
+        self.fixed_reference: FixedReference | None = None  # pi_ref of pacs_reference="fixed"
         if args.pacs_reference == "fixed":
-            self._build_fixed_reference()
-            self.add_callback(_ReferenceResetCallback(self))
-
-    # ------------------------------------------------------------------------------------------------
-    # fixed reference
-    # ------------------------------------------------------------------------------------------------
-    def _build_fixed_reference(self) -> None:
-        if self.is_fsdp_enabled and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
-            raise NotImplementedError(
-                "pacs_reference='fixed' with FSDP needs FSDP2 (fsdp_config version 2, transformers' default; FSDP1 "
-                "is deprecated); or use pacs_reference='old'"
-            )
-        policy = self._policy_module()
-        if is_peft_model(policy):
-            # the reference is the base model plus a frozen copy of the trained adapter
-            active = policy.active_adapter
-            policy.add_adapter(_REF_ADAPTER, policy.peft_config[active])
-            policy.set_adapter(active)  # keep training the user's adapter
-            self._pacs_ref_adapter = _REF_ADAPTER
-            for name, param in policy.named_parameters():
-                if f".{_REF_ADAPTER}." in name:
-                    param.requires_grad_(False)
-            self._init_reference()  # deferred under FSDP too: the adapters may not hold their weights yet
-            return
-        # a second model of the same architecture (partitioned at construction under ZeRO-3, as TRL's own
-        # reference), with the policy's dtypes, sharded like TRL's reference model, then given the policy's weights.
-        # Under FSDP2 it is built on the meta device and materialised shard by shard.
-        fsdp_meta = (self.is_fsdp_enabled and not _fsdp_offloads(self.accelerator)
-                     and not getattr(self.accelerator.state.fsdp_plugin, "ignored_modules", None))
-        with no_init_weights(), torch.device("meta") if fsdp_meta else contextlib.nullcontext():
-            ref = AutoModelForCausalLM.from_config(copy.deepcopy(policy.config), dtype=_main_dtype(policy))
-        ref.tie_weights()  # skipped along with the initialisation
-        if self.args.cast_lm_head_to_fp32:
-            _cast_lm_head_to_fp32(ref)  # as GRPOTrainer casts the policy and its own reference
-        ref.requires_grad_(False).eval()
-        add_fused_lm_head(ref, temperature=self.temperature, cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32)
-        if self.is_deepspeed_enabled:
-            self.pacs_ref_model = prepare_deepspeed(ref, self.accelerator)
-        elif self.is_fsdp_enabled:
-            self.pacs_ref_model = prepare_fsdp(ref, self.accelerator)
-            if fsdp_meta:
-                self.pacs_ref_model.to_empty(device=self.accelerator.device)  # shards, filled at train start
-        else:
-            self.pacs_ref_model = self.accelerator.prepare_model(ref, evaluation_mode=True)
-        self._init_reference()
-
-    def _init_reference(self) -> None:
-        """pi_ref <- pi_theta now, or under FSDP when training (or evaluation) starts: accelerate prepares the policy
-        then, and with fsdp_cpu_ram_efficient_loading only the first process's weights count before: accelerate
-        broadcasts them as it shards the policy, and the others may hold uninitialised or meta tensors until then."""
-        if self.is_fsdp_enabled:  # the same decision on every process: the copy is a collective
-            self._pacs_ref_pending = True
-        else:
-            self._copy_policy_to_reference()
-
-    def _init_pending_reference(self) -> None:
-        """Give the reference the policy's weights if that was deferred and no checkpoint provided them."""
-        if self._pacs_ref_pending:
-            self._copy_policy_to_reference()
-            self._pacs_ref_pending = False
-
-    def _copy_policy_to_reference(self) -> None:
-        if self._pacs_ref_adapter is not None:
-            self._copy_adapter(self._policy_module().active_adapter, self._pacs_ref_adapter)
-        else:
-            copy_module(self._policy_module(), self._ref_module())
-
-    def _policy_module(self) -> torch.nn.Module:
-        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-
-    def _ref_module(self) -> torch.nn.Module:
-        return self.accelerator.unwrap_model(self.pacs_ref_model)
-
-    def _copy_adapter(self, source: str, target: str) -> None:
-        tensors = self._policy_module().state_dict(keep_vars=True)  # (FSDP2: the registered, sharded parameters)
-        copy_tensors((t, tensors[n.replace(f".{source}.", f".{target}.")]) for n, t in tensors.items()
-                     if f".{source}." in n)
-
-    def _reference_state(self) -> dict[str, torch.Tensor]:
-        """Whole CPU tensors of the reference on process 0 (empty elsewhere); every process must call it."""
-        if self._pacs_ref_adapter is not None:
-            policy = self._policy_module()
-            return full_state_dict(policy, keep=lambda name: f".{self._pacs_ref_adapter}." in name)
-        return full_state_dict(self._ref_module())
-
-    def _load_reference_state(self, weights: dict[str, torch.Tensor]) -> None:
-        if self._pacs_ref_adapter is not None:
-            policy = self._policy_module()
-            ours = [k for k in policy.state_dict(keep_vars=True) if f".{self._pacs_ref_adapter}." in k]
-            if sorted(ours) != sorted(weights):
-                raise RuntimeError("the checkpoint's PACS reference adapter does not match this model")
-            load_full_state_dict(policy, weights, strict=False)
-            return
-        load_full_state_dict(self._ref_module(), weights)
-
-    def _reset_reference(self) -> None:
-        """Hard reset: pi_ref <- pi_theta, and the optimizer's moments and step counts cleared (paper v2)."""
-        self._copy_policy_to_reference()
-        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps the torch optimizer
-        optimizer.state.clear()
-        self._pacs_ref_version += 1
-        self._pacs_ref_step = self.state.global_step
-        self._metrics["train"]["pacs/ref_resets"].append(float(self._pacs_ref_version))
-        logger.info("PACS reference reset #%d at step %d", self._pacs_ref_version, self.state.global_step)
-
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        if self.args.pacs_reference != "fixed":
-            return
-        state = self._reference_state()  # a collective under ZeRO-3 / FSDP: every process takes part
-        if not self.accelerator.is_main_process:
-            return
-        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-        with open(os.path.join(folder, _REF_STATE_FILE), "w") as f:
-            json.dump({"ref_version": self._pacs_ref_version, "ref_step": self._pacs_ref_step}, f)
-        torch.save(state, os.path.join(folder, _REF_WEIGHTS_FILE))
-
-    def _load_optimizer_and_scheduler(self, checkpoint):
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if self.args.pacs_reference != "fixed" or checkpoint is None:
-            return
-        path = os.path.join(checkpoint, _REF_STATE_FILE)
-        if not os.path.exists(path):
-            raise FileNotFoundError(
-                f"{checkpoint} has no {_REF_STATE_FILE}: it was not saved by a PACSTrainer with "
-                "pacs_reference='fixed', so the reference schedule cannot be resumed"
-            )
-        with open(path) as f:
-            state = json.load(f)
-        self._pacs_ref_version, self._pacs_ref_step = state["ref_version"], state["ref_step"]
-        weights = torch.load(os.path.join(checkpoint, _REF_WEIGHTS_FILE), map_location="cpu", weights_only=True,
-                             mmap=True)  # read tensor by tensor as they are loaded, not all at once
-        self._load_reference_state(weights)
-        if self._pacs_ref_adapter is None:  # buffers outside the state dict: never saved, built empty under FSDP2
-            copy_buffers(self._policy_module(), self._ref_module())
-        self._pacs_ref_pending = False
+            self.fixed_reference = FixedReference(self)
+            self.add_callback(ResetCallback(self.fixed_reference))
+        if args.pacs_on_policy_fast_path and self.aux_loss_enabled:
+            logger.info("PACS on-policy fast path off: the model's MoE router loss is trained, and it depends on "
+                        "every token, so no group can be skipped")
 
     # ------------------------------------------------------------------------------------------------
     # rollouts: labels and group ids
@@ -318,9 +191,9 @@ class PACSTrainer(GRPOTrainer):
         base = (self._pacs_generation * self.accelerator.num_processes + rank) * (n_local // G)
         output["pacs_group_ids"] = base + local_group  # (N_local,)
 
-        outcomes = group_outcomes(all_labels, G)
-        for key, value in outcomes.items():
-            self._metrics[mode][f"pacs/groups/{key}"].append(value)
+        if G >= 2:  # (evaluation may sample one completion per prompt: no groups then)
+            for key, value in group_outcomes(all_labels, G).items():
+                self._metrics[mode][f"pacs/groups/{key}"].append(value)
         self._metrics[mode]["pacs/label_mean"].append(all_labels.mean().item())
         if mode == "train":
             self._pacs_old_step = self.state.global_step
@@ -347,7 +220,7 @@ class PACSTrainer(GRPOTrainer):
             return False  # the reference-free form has psi != 0 even on-policy
         if self.args.pacs_reference == "old":
             return self.state.global_step == self._pacs_old_step
-        return self.state.global_step == self._pacs_ref_step
+        return self.state.global_step == self.fixed_reference.step
 
     def _forward(self, model, inputs: dict[str, Any], rows: torch.Tensor | None = None, compute_entropy: bool = True):
         """Per-token log-probs (N, T) and entropies of the completions, for all rows or only ``rows``."""
@@ -372,6 +245,13 @@ class PACSTrainer(GRPOTrainer):
             self._pacs_aux_loss = aux_loss
         return logps, entropies
 
+    def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
+        # without gradient, this is pi_old (TRL's recomputation) or pi_ref: every module in eval mode, so that no
+        # dropout noise is summed into the implicit reward (with gradient: the policy's forward, as configured)
+        off = contextlib.nullcontext() if torch.is_grad_enabled() else _eval_mode(model)
+        with off:
+            return super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
+
     def _compute_loss(self, model, inputs):
         args = self.args
         mode = "train" if self.model.training else "eval"
@@ -381,13 +261,20 @@ class PACSTrainer(GRPOTrainer):
         if "tool_mask" in inputs:
             mask = mask * inputs["tool_mask"]
         N = labels.shape[0]
+        if G < 2:
+            # evaluation with num_generations_eval=1: no other completion to centre against, so no PACS loss; TRL
+            # has logged the rewards, and GRPO's own loss is 0 there too
+            _, entropies = self._forward(model, inputs)
+            self._log_entropy(mode, "entropy", entropies, mask)
+            return torch.zeros((), device=labels.device)
         _check_whole_groups(inputs["pacs_group_ids"], G)
         loss_kwargs = dict(beta=args.pacs_beta, baseline=args.pacs_baseline, weight_mode=args.pacs_weight_mode)
 
         on_policy = mode == "train" and self._is_on_policy()
         skipped = 0
         weight_sum = class_weights(labels, G, args.pacs_weight_mode).sum()  # for the on-policy value and the metrics
-        if on_policy and args.pacs_on_policy_fast_path:
+        # (a trained MoE router loss depends on every forwarded token: no group may be skipped then)
+        if on_policy and args.pacs_on_policy_fast_path and not self.aux_loss_enabled:
             adv = on_policy_advantage(labels, G, baseline=args.pacs_baseline, weight_mode=args.pacs_weight_mode)
             keep_group = adv.view(-1, G).ne(0).any(dim=1)  # (B,)
             if any(inputs.get(k) is not None for k in _MULTIMODAL_KEYS):
@@ -403,8 +290,6 @@ class PACSTrainer(GRPOTrainer):
             loss_value = weight_sum * math.log(2.0) / N
             if placeholder:  # zero gradient, true value
                 loss = loss * 0.0 + loss_value
-                if self._pacs_aux_loss is not None:
-                    self._pacs_aux_loss = self._pacs_aux_loss * 0.0
             else:
                 loss = loss - loss.detach() + loss_value
             psi = torch.zeros_like(labels)
@@ -446,19 +331,7 @@ class PACSTrainer(GRPOTrainer):
                 "configuration (please report this with your steps_per_generation, num_iterations and "
                 "gradient_accumulation_steps)"
             )
-        # fixed reference: computed once per micro-batch and reference version, cached in the buffered batch
-        self._init_pending_reference()  # evaluation before any training
-        cached = inputs.get("pacs_ref_logps")
-        if cached is None or inputs.get("pacs_ref_version") != self._pacs_ref_version:
-            with torch.no_grad():
-                if self._pacs_ref_adapter is not None:
-                    with use_adapter(self.accelerator.unwrap_model(self.model), self._pacs_ref_adapter):
-                        cached, _ = self._forward(self.model, inputs, compute_entropy=False)
-                else:
-                    cached, _ = self._forward(self.pacs_ref_model, inputs, compute_entropy=False)
-            inputs["pacs_ref_logps"] = cached
-            inputs["pacs_ref_version"] = self._pacs_ref_version
-        return cached
+        return self.fixed_reference.logps(inputs, self._forward)  # once per micro-batch and reference version
 
     def _log_pacs_metrics(self, mode, loss_value, labels, rewards, psi, weight_sum, entropies, ent_mask, skipped, N,
                           on_policy):
@@ -492,50 +365,42 @@ class PACSTrainer(GRPOTrainer):
                                  reduction="sum").tolist()
             self._metrics[mode]["pacs/critic_accuracy"].append(c / m)
             self._metrics[mode]["pacs/critic_brier"].append(b / m)
+        # when the fast path skipped groups, only the forwarded (mixed-label) groups have an entropy: that is
+        # logged under its own name so TRL's `entropy` always covers every completion it reports on
+        self._log_entropy(mode, "pacs/entropy_forwarded_groups" if skip > 0 else "entropy", entropies, ent_mask)
+
+    def _log_entropy(self, mode: str, key: str, entropies: torch.Tensor | None, mask: torch.Tensor) -> None:
         if entropies is not None:
-            ent = torch.stack([(entropies * ent_mask).sum(), ent_mask.sum()]).float()
-            e_sum, e_cnt = acc.reduce(ent, reduction="sum").tolist()
-            # when the fast path skipped groups, only the forwarded (mixed-label) groups have an entropy: that is
-            # logged under its own name so TRL's `entropy` always covers every completion it reports on
-            key = "pacs/entropy_forwarded_groups" if skip > 0 else "entropy"
+            ent = torch.stack([(entropies * mask).sum(), mask.sum()]).float()
+            e_sum, e_cnt = self.accelerator.reduce(ent, reduction="sum").tolist()
             self._metrics[mode][key].append(e_sum / max(e_cnt, 1.0))
 
 
-def _main_dtype(model: torch.nn.Module) -> torch.dtype:
-    """The dtype holding most of the parameters outside the embeddings (``model.dtype`` is the first parameter's:
-    fp32 once a tied LM head was cast to fp32, and a tied embedding can hold most of a small model)."""
-    embeddings = set()
-    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
-        if module is not None:
-            embeddings.update(id(p) for p in module.parameters())
-    sizes: dict[torch.dtype, int] = {}
-    for p in model.parameters():
-        if id(p) not in embeddings:
-            sizes[p.dtype] = sizes.get(p.dtype, 0) + int(getattr(p, "ds_numel", p.numel()))
-    return max(sizes, key=sizes.get) if sizes else next(model.parameters()).dtype
+    # ------------------------------------------------------------------------------------------------
+    # checkpoints: the fixed reference and its reset counter
+    # ------------------------------------------------------------------------------------------------
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.fixed_reference is not None:  # a collective under ZeRO-3 / FSDP: every process takes part
+            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+            self.fixed_reference.save(folder)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if self.fixed_reference is not None and checkpoint is not None:
+            self.fixed_reference.load(checkpoint)
 
 
-def _fsdp_offloads(accelerator) -> bool:
-    """Whether FSDP keeps the sharded parameters on the CPU."""
-    offload = getattr(accelerator.state.fsdp_plugin, "cpu_offload", None)
-    if offload is True or type(offload).__name__ == "CPUOffloadPolicy":  # FSDP2
-        return True
-    return bool(getattr(offload, "offload_params", False))  # FSDP1's CPUOffload
-
-
-def _cast_lm_head_to_fp32(model: torch.nn.Module) -> None:
-    """The LM head in fp32, weights and matmul, as GRPOTrainer makes the policy's with ``cast_lm_head_to_fp32``;
-    with tied embeddings the embedding output is cast back to the model's dtype."""
-    dtype = model.lm_head.weight.dtype
-    head = model.lm_head.float()
-
-    def fp32_forward(hidden_states):
-        bias = None if head.bias is None else head.bias.float()
-        return torch.nn.functional.linear(hidden_states.float(), head.weight.float(), bias)
-
-    head.forward = fp32_forward
-    if model.config.get_text_config().tie_word_embeddings:
-        model.get_input_embeddings().register_forward_hook(lambda module, args, output: output.to(dtype))
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Every module of ``model`` in eval mode (dropout off), each one's mode restored afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.train(False)
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def _check_whole_groups(group_ids: torch.Tensor, G: int) -> None:
