@@ -26,7 +26,7 @@ Settings (``STUDY``), the same for every method, and why:
 - 512 eval problems x 64 samples (the issue's minimum) and 512 RL-train problems: together they fill the demo's
   held-out pool of 1,024 problems that warm start never saw.
 - 150 optimizer steps (the issue's minimum) x 16 prompts x 8 completions, 2 optimizer steps per rollout, lr 3e-4
-  constant (the demo's, one for all, not tuned). 16 prompts instead of the demo's 32, and the curve of 64 problems
+  constant (the demo's, one for every policy, not tuned; PPO's critic has its own, the demo's 3e-3). 16 prompts instead of the demo's 32, and the curve of 64 problems
   x 64 samples every 25 steps, to fit the issue's ~4 hours on 2 cores: the demo's timings (README: 120 steps x 32
   prompts in 164 s and 256 x 8 samples evaluated in 5 s, 2 threads) put one run near 7 minutes on one core, so
   24 runs (3 methods x 8 seeds) plus RLOO and PPO's 16 near 2.5 hours at ``--jobs 2``. That is an estimate: the
@@ -95,7 +95,7 @@ SMOKE: dict[str, Any] = {
     "curve_samples": 4,
     "threads": 1,
 }
-DEFAULT_METHODS = "pacs,pacs-noweight,grpo"
+DEFAULT_METHODS = "pacs,pacs-noweight,grpo,rloo,ppo"
 DEFAULT_SEEDS = "0,1,2,3,4,5,6,7"
 DEFAULT_BASE_SEEDS = "0,1"
 DEFAULT_OUTPUT = Path("bench/results/study")
