@@ -413,7 +413,7 @@ def test_cli_reports_unparseable_gold_and_strict(tmp_path, capsys):
         (["math5000", "--output", "o.parquet"], 2, "unknown dataset 'math5000'"),
         (["gsm8k", "--output", "o.csv"], 2, "--output 'o.csv'"),
         (["gsm8k", "--size", "10", "--output", "o.parquet"], 2, "--size applies to gym:TASK"),
-        (["gym:basic_arithmetic", "--output", "o.parquet"], 2, "needs --size N and --seed S"),
+        (["gym:basic_arithmetic", "--output", "o.parquet"], 2, "needs --size N"),
         (["gsm8k", "--path", "nowhere.jsonl", "--output", "o.parquet"], 1, "'nowhere.jsonl' does not exist"),
         (["gsm8k"], 2, "required: --output"),
     ],

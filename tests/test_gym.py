@@ -33,7 +33,7 @@ SMALL = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}  # a 
 
 def test_schema_and_content():
     ds = make_gym_dataset("chain_sum", 8, seed=3, config=SMALL)
-    assert set(ds.column_names) == {"prompt", "answer", "source", "question", "metadata"}
+    assert set(ds.column_names) == {"prompt", "answer", "source", "question", "metadata", "gym_config"}
     assert len(ds) == 8
     for row in ds:
         assert row["source"] == "gym:chain_sum"
@@ -45,6 +45,7 @@ def test_schema_and_content():
         a, op, b = meta["expression"].split()
         assert row["answer"] == str(int(a) + int(b) if op == "+" else int(a) - int(b))
         assert row["question"].endswith(meta["expression"] + " =")
+        assert json.loads(row["gym_config"]) == SMALL  # the options it was generated with travel with the file
 
 
 def test_no_duplicates_within_a_dataset():

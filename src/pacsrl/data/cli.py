@@ -1,7 +1,7 @@
 """``pacsrl prepare``: build a dataset in the record schema and write it to parquet (or jsonl).
 
     pacsrl prepare NAME [--path FILE] [--split S] [--limit N] --output out.parquet
-    pacsrl prepare gym:TASK --size N --seed S [--eval-size M] [--config JSON] --output train.parquet
+    pacsrl prepare gym:TASK --size N [--seed S] [--eval-size M] [--config JSON] --output train.parquet
 
 Prints a summary: rows, sources, and the gold answers math-verify cannot parse.
 """
@@ -28,14 +28,18 @@ class UsageError(ValueError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from pacsrl.cli import ArgumentParser
+
+    parser = ArgumentParser(
         prog="pacsrl prepare",
-        description="Prepare a benchmark or a reasoning-gym task as prompt/answer/source records "
-        "(the paper's instruction appended to every question) and write them to a file.",
+        description="Prepare a benchmark or a reasoning-gym task as prompt/answer/source records and write "
+        "them to a file. A benchmark question gets the paper's instruction (reason step by step, answer in "
+        "\\boxed{}); a reasoning-gym question asks for the answer in <answer></answer>, which its task's own "
+        "scorer checks (rows keep the task's name in `source` and its options in `gym_config`).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="datasets:\n"
         + "\n".join(f"  {name:<11} {p.hub_id} ({p.description})" for name, p in PREPARERS.items())
-        + "\n  gym:TASK    a reasoning-gym task, e.g. gym:basic_arithmetic (needs --size and --seed)",
+        + "\n  gym:TASK    a reasoning-gym task, e.g. gym:basic_arithmetic (needs --size)",
     )
     parser.add_argument("name", help=f"one of {', '.join(PREPARERS)}, or gym:TASK")
     parser.add_argument(
@@ -53,7 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--limit", metavar="N", type=int, help="keep only the first N rows")
     gym = parser.add_argument_group("reasoning-gym tasks")
     gym.add_argument("--size", metavar="N", type=int, help="number of training problems to generate")
-    gym.add_argument("--seed", metavar="S", type=int, help="generator seed (same seed, same problems)")
+    gym.add_argument(
+        "--seed",
+        metavar="S",
+        type=int,
+        help="generator seed (same seed, same problems; default 0, as train's gym_seed)",
+    )
     gym.add_argument(
         "--eval-size",
         metavar="M",
@@ -109,8 +118,9 @@ def _prepare_gym(args: argparse.Namespace, out: Path) -> list[tuple[datasets.Dat
     for flag in ("path", "split", "limit"):
         if getattr(args, flag) is not None:
             raise UsageError(f"--{flag} applies to benchmarks, not to reasoning-gym tasks ({args.name})")
-    if args.size is None or args.seed is None:
-        raise UsageError(f"{args.name} needs --size N and --seed S")
+    if args.size is None:
+        raise UsageError(f"{args.name} needs --size N, the number of problems to generate")
+    seed = 0 if args.seed is None else args.seed
     if args.size < 1 or (args.eval_size is not None and args.eval_size < 1):
         raise UsageError(f"--size and --eval-size must be positive, got {args.size} and {args.eval_size}")
     config = None
@@ -133,8 +143,8 @@ def _prepare_gym(args: argparse.Namespace, out: Path) -> list[tuple[datasets.Dat
     from pacsrl.data import gym  # imported only when asked for: reasoning-gym is slow to import
 
     if args.eval_size is None:
-        return [(gym.make_gym_dataset(task, size=args.size, seed=args.seed, config=config), out, args.name)]
-    train, held_out = gym.make_gym_splits(task, args.size, args.eval_size, args.seed, config=config)
+        return [(gym.make_gym_dataset(task, size=args.size, seed=seed, config=config), out, args.name)]
+    train, held_out = gym.make_gym_splits(task, args.size, args.eval_size, seed, config=config)
     return [(train, out, f"{args.name} (train)"), (held_out, eval_out, f"{args.name} (eval)")]
 
 
@@ -153,16 +163,12 @@ def _prepare_benchmark(args: argparse.Namespace, out: Path) -> list[tuple[datase
 def main(argv: list[str]) -> int:
     """Run ``pacsrl prepare``; return the exit status (0 ok, 1 failed, 2 bad arguments)."""
     parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_:  # argparse exits on --help and on bad arguments
-        return int(exit_.code or 0)
+    args = parser.parse_args(argv)  # a bad argument raises pacsrl.cli.UsageError: one line, status 2
     try:
         out = _check_output(args.output)
         build = _prepare_gym if args.name.startswith(GYM_SOURCE_PREFIX) else _prepare_benchmark
         results = build(args, out)
     except UsageError as err:
-        parser.print_usage(sys.stderr)
         print(f"pacsrl prepare: error: {err}", file=sys.stderr)
         return 2
     except (ValueError, TypeError, ImportError, OSError) as err:  # OSError: missing files, no network

@@ -3,7 +3,8 @@
 A reasoning-gym task (``chain_sum``, ``countdown``, ...) generates problems from a seed and scores an
 answer with its own checker. This module turns one into a ``datasets.Dataset`` with the columns every
 pacsrl dataset has (``prompt``, ``answer``, ``source``) plus what the task's scorer needs (``question``,
-``metadata`` as a JSON string, since Arrow cannot hold arbitrary nested dicts faithfully). The matching
+``metadata`` as a JSON string, since Arrow cannot hold arbitrary nested dicts faithfully) and the task
+options it was generated with (``gym_config``). The matching
 reward function, :func:`pacsrl.rewards.gym.make_gym_reward`, lives with the other rewards (and is
 importable from here too).
 
@@ -65,7 +66,7 @@ def _create(task: str, size: int, seed: int, config: dict[str, Any]):
         raise
 
 
-def _record(task: str, entry: dict[str, Any]) -> dict[str, Any]:
+def _record(task: str, entry: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
     try:
         metadata = json.dumps(entry.get("metadata", {}), sort_keys=True)
     except TypeError as err:
@@ -85,6 +86,7 @@ def _record(task: str, entry: dict[str, Any]) -> dict[str, Any]:
         "source": f"gym:{task}",
         "question": entry["question"],
         "metadata": metadata,
+        "gym_config": json.dumps(config, sort_keys=True),
     }
 
 
@@ -109,7 +111,9 @@ def make_gym_dataset(
 
     Returns:
         A Dataset with columns ``prompt`` (one user turn), ``answer`` (gold string), ``source``
-        (``gym:<task>``), ``question`` (raw question text) and ``metadata`` (JSON string).
+        (``gym:<task>``: the task whose scorer checks the row), ``question`` (raw question text), ``metadata``
+        (JSON string) and ``gym_config`` (the task options it was generated with, a JSON string; the scorer
+        reads ``metadata``, which also records the task's difficulty).
 
         ``answer`` is ``""`` for tasks whose problems have no single gold answer (reasoning-gym gives
         None: ``graph_color``, ``propositional_logic``, ``rush_hour``, ...): their scorer checks an
@@ -138,7 +142,7 @@ def make_gym_dataset(
             if key in seen or key in excluded:
                 continue
             seen.add(key)
-            records.append(_record(task, entry))
+            records.append(_record(task, entry, config))
             if len(records) == size:
                 return Dataset.from_list(records)
         if draws >= _MAX_OVERSAMPLING * size:

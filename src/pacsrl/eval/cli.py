@@ -65,7 +65,9 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from pacsrl.cli import ArgumentParser
+
+    parser = ArgumentParser(
         prog="pacsrl eval",
         description="Evaluate pass@k of a model (sampling n completions per problem, scored by a verifier); "
         "or recompute a finished run's metrics; or compare several runs in one table and plot. "
@@ -91,7 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    """Entry point of ``pacsrl eval``; prints the Markdown table and where the files are."""
+    """Entry point of ``pacsrl eval``; prints the Markdown table and where the files are.
+
+    Every argument is checked before a model is loaded; a mistake raises ``pacsrl.cli.UsageError``
+    (one line, exit status 2); Ctrl-C says where the finished problems are and how to resume."""
+    from pacsrl.cli import UsageError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.recompute and args.compare:
@@ -101,22 +108,25 @@ def main(argv: list[str]) -> int:
 
     try:
         return _run(args, parser)
-    except (ValueError, FileNotFoundError) as err:  # bad settings or files: a message, not a traceback
+    except (ValueError, TypeError, FileNotFoundError) as err:  # bad settings or files: one line
         logger.debug("pacsrl eval failed", exc_info=True)
-        print(f"pacsrl eval: error: {err}", file=sys.stderr)
-        return 2
+        raise UsageError(str(err)) from err
 
 
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from pacsrl.eval import run
+    from pacsrl.cli import UsageError, check_model, remove_if_empty
 
     if args.compare:
+        from pacsrl.eval import run
+
         output = args.output or "outputs/eval/comparison"
         table, _, results = run.compare_runs(args.compare, output=output, ks=args.k)
         print(table)
         print(f"compared {len(results)} runs; table, metrics and plot in {output}/comparison.{{md,json,png}}")
         return 0
     if args.recompute:
+        from pacsrl.eval import run
+
         result = run.recompute(
             args.recompute, ks=args.k, rescore=args.rescore, reward=args.reward, threshold=args.threshold
         )
@@ -131,7 +141,33 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             parser.error("--model is required (or use --recompute DIR / --compare DIR ...)")
         if not config.datasets:
             parser.error("--datasets is required, e.g. --datasets math500,aime24 or a prepared .parquet file")
-        result = run.run_eval(config)
+        check_model(config.model, "--model")
+
+        from pacsrl.eval import run
+
+        output_dir = run.run_folder(config)
+        existed = output_dir.exists()
+        try:
+            result = run.run_eval(config)
+        except KeyboardInterrupt:
+            path = output_dir / run.ROLLOUTS_FILE
+            done = len(run.read_rollouts(path)) if path.exists() else 0
+            remove_if_empty(output_dir, existed)
+            print(
+                f"pacsrl eval: interrupted; {done} finished problems are saved in {path}: rerun the same "
+                "command to resume from them",
+                file=sys.stderr,
+            )
+            return 130
+        except OSError as err:  # the model or tokenizer could not be loaded
+            remove_if_empty(output_dir, existed)
+            if isinstance(err, FileNotFoundError) and err.filename:
+                raise UsageError(f"{err.filename}: no such file") from err
+            first = (str(err).strip() or type(err).__name__).splitlines()[0]
+            raise UsageError(f"cannot load --model {config.model}: {first}") from err
+        except BaseException:
+            remove_if_empty(output_dir, existed)
+            raise
     print(result.table)
     out = result.output_dir
     print(

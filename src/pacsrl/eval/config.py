@@ -81,10 +81,13 @@ class EvalConfig:
     )
     seed: int = field(default=0, metadata={"help": "Random seed of the sampler."})
     reward: str = field(
-        default="math",
+        default="auto",
         metadata={
-            "help": "Scorer: 'math' (pacsrl.rewards.math_reward, math-verify) or 'module:function', any "
-            "TRL-style reward function f(completions=..., answer=..., **columns) -> list[float]."
+            "help": "Scorer: 'auto' (each row by its source: a reasoning-gym row, from a `pacsrl prepare "
+            "gym:TASK` file, by its task's own scorer, any other by math-verify), 'math' (math-verify), "
+            "'gym:TASK' (a reasoning-gym task's scorer) or 'module:function' (a module in the current folder "
+            "or an installed one), any TRL-style reward function f(completions=..., answer=..., **columns) -> "
+            "list[float]."
         },
     )
     threshold: float = field(

@@ -134,8 +134,9 @@ def compute_metrics(
     """Metrics per benchmark and over all problems from rollout records.
 
     Args:
-        records: one mapping per problem with keys ``source`` (benchmark name) and ``scores`` (the n
-            scores of its samples), as written to ``rollouts.jsonl``.
+        records: one mapping per problem with keys ``source`` (benchmark name), optionally ``dataset`` (the
+            name of the dataset argument it came from, which groups it when present: two files of one source
+            stay two rows) and ``scores`` (the n scores of its samples), as written to ``rollouts.jsonl``.
         ks: the ks of pass@k; default ``default_ks(n)`` for the smallest n of any problem.
         threshold: a sample is correct when its score is >= threshold.
 
@@ -156,7 +157,7 @@ def compute_metrics(
         raise ValueError(f"every k must be in [1, {min_n}] (the fewest samples of any problem); got ks={ks}")
     by_source: dict[str, list[Mapping[str, Any]]] = {}
     for r in records:
-        by_source.setdefault(str(r["source"]), []).append(r)
+        by_source.setdefault(str(r.get("dataset") or r["source"]), []).append(r)
     return {
         "ks": list(ks),
         "threshold": threshold,

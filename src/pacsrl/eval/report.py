@@ -70,8 +70,14 @@ def markdown_table(runs: Sequence[Run]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def display_name(name: str) -> str:
+    """A model's name in a plot legend: the last path component of a checkpoint path or Hub id."""
+    return name.rstrip("/").rsplit("/", 1)[-1] or name
+
+
 def plot_pass_at_k(runs: Sequence[Run], path: str | Path | None = None) -> Figure:
-    """Plot pass@k (percent) against k on a log2 axis: a subplot per benchmark, a line per model.
+    """Plot pass@k (percent, the axis from 0) against k on a log2 axis: a subplot per benchmark, a line per
+    model, labelled with the last path component of its name.
 
     Uses matplotlib's object API (no pyplot, no global backend), so it is safe in headless runs and
     inside training. Saves a PNG to ``path`` when given; returns the figure (``fig.axes[i].get_lines()``
@@ -89,7 +95,8 @@ def plot_pass_at_k(runs: Sequence[Run], path: str | Path | None = None) -> Figur
                 continue
             ks = [k for k in metrics["ks"] if f"pass@{k}" in group]
             values = [100 * group[f"pass@{k}"] for k in ks]
-            ax.plot(ks, values, marker="o", markersize=3, color=f"C{i % 10}", label=name)
+            ax.plot(ks, values, marker="o", markersize=3, color=f"C{i % 10}", label=display_name(name))
+        ax.set_ylim(bottom=0)  # from 0, so a small difference between models looks small
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter(StrMethodFormatter("{x:g}"))  # 1, 2, 4, ... rather than 2^0, 2^1, ...
         ax.set_title(source)

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import re
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,8 +57,10 @@ __all__ = [
     "evaluate_model",
     "load_run",
     "recompute",
+    "resolve_problems",
     "resolve_reward",
     "run_eval",
+    "run_folder",
     "save_results",
     "score_completions",
 ]
@@ -92,24 +95,83 @@ class EvalResult:
 
 
 def resolve_reward(reward: str | RewardFn) -> RewardFn:
-    """A scorer from its name: ``"math"`` is ``pacsrl.rewards.math_reward``; ``"pkg.module:function"``
-    imports any TRL-style reward function; a callable is returned as is."""
+    """A scorer from its name: ``"auto"`` scores each row by its source's verifier
+    (:func:`pacsrl.rewards.auto.make_auto_reward`: a ``gym:TASK`` row by the task's own scorer, any other by
+    math-verify); ``"math"`` is ``pacsrl.rewards.math_reward``; ``"gym:TASK"`` a reasoning-gym task's scorer;
+    ``"module:function"`` imports any TRL-style reward function (the current folder is searched first, as
+    ``python -m`` does); a callable is returned as is."""
     if callable(reward):
         return reward
+    if reward == "auto":
+        from pacsrl.rewards.auto import make_auto_reward
+
+        return make_auto_reward()
     if reward == "math":
         from pacsrl.rewards import math_reward
 
         return math_reward
+    if reward.startswith("gym:"):
+        from pacsrl.rewards.gym import make_gym_reward
+
+        return make_gym_reward(reward[len("gym:") :])
     module_name, sep, attr = reward.partition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(f"reward {reward!r}: expected 'math' or 'package.module:function'")
+        raise ValueError(
+            f"reward {reward!r}: expected 'auto', 'math', 'gym:TASK' or 'module:function' (a module in the "
+            "current folder or an installed package)"
+        )
+    cwd = str(Path.cwd())
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
     try:
         fn = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
         raise ValueError(f"reward {reward!r}: cannot import {attr!r} from {module_name!r} ({err})") from err
+    finally:
+        if added:
+            sys.path.remove(cwd)
     if not callable(fn):
-        raise TypeError(f"reward {reward!r} is not callable")
+        raise TypeError(f"reward {reward!r} is not a function")
     return fn
+
+
+def dataset_name(spec: str) -> str:
+    """The name of a ``--datasets`` argument in tables: a benchmark's name (``math500``, ``aime24=FILE``), or
+    a prepared file's stem (``data/chain_sum_hard.parquet`` -> ``chain_sum_hard``)."""
+    name = spec.split("=", 1)[0] if "=" in spec else spec
+    return Path(name).stem if Path(name).suffix.lower() in (".parquet", ".jsonl", ".json") else name
+
+
+def resolve_problems(specs: Sequence[str], limit: int | None = None) -> list[dict[str, Any]]:
+    """The problems of each dataset spec (``pacsrl.data.resolve_dataset``), each tagged with the name of its
+    row in the results (``dataset``), so that results get one row per dataset given, even when two share a
+    source: the dataset's name (:func:`dataset_name`) when it holds one source; for a file that mixes
+    several, its sources (``<name>/<source>`` where another dataset has that source too)."""
+    from pacsrl.data import resolve_dataset
+
+    names = [dataset_name(s) for s in specs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(
+            f"--datasets names {', '.join(twice)} more than once: each dataset gets its own row, named after its "
+            "file stem or benchmark name; give each dataset once, and rename files that share a stem"
+        )
+    per_spec = [dataset_problems(resolve_dataset(spec, limit=limit)) for spec in specs]
+    sources = [{p["source"] for p in problems} for problems in per_spec]
+    out = []
+    for i, (name, problems) in enumerate(zip(names, per_spec, strict=True)):
+        elsewhere = {s for j, other in enumerate(sources) if j != i for s in other}
+        for problem in problems:
+            source = problem["source"]
+            if len(sources[i]) == 1:
+                problem["dataset"] = name
+            else:
+                problem["dataset"] = f"{name}/{source}" if source in elsewhere else source
+            if problem["dataset"] != source:  # ids stay unique when two datasets share a source and a problem
+                problem["id"] += "@" + problem["dataset"]
+            out.append(problem)
+    return out
 
 
 def dataset_problems(dataset: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -201,6 +263,7 @@ def _sample_and_score(
                 record = {
                     "id": problem["id"],
                     "source": problem["source"],
+                    **({"dataset": problem["dataset"]} if "dataset" in problem else {}),
                     "prompt": problem["prompt"],
                     "answer": problem["answer"],
                     "completions": list(completions),
@@ -282,6 +345,12 @@ def evaluate_model(
 
 # --------------------------------------------------------------------------------------------------
 # Run folders
+
+
+def run_folder(config: EvalConfig) -> Path:
+    """The run folder of ``config``: ``--output``, else ``outputs/eval/<model name>``."""
+    name = config.name or config.model or "model"
+    return Path(config.output) if config.output else _default_output(name)
 
 
 def _default_output(model: str) -> Path:
@@ -370,19 +439,15 @@ def run_eval(
     if config.model is None and sampler is None:
         raise ValueError("no model to evaluate: pass --model PATH_OR_ID")
     name = config.name or config.model or "model"
-    output_dir = Path(config.output) if config.output else _default_output(name)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = run_folder(config)
 
+    reward_fn = reward_fn or resolve_reward(config.reward)
     if dataset is None:
         if not config.datasets:
             raise ValueError(
                 "no datasets to evaluate: pass --datasets math500,aime24,... (or prepared files)"
             )
-        from pacsrl.data import resolve_dataset
-
-        problems = dataset_problems(
-            [row for spec in config.datasets for row in resolve_dataset(spec, limit=config.limit)]
-        )
+        problems = resolve_problems(config.datasets, limit=config.limit)
     else:
         problems = dataset_problems(dataset)
         if config.limit is not None:
@@ -414,7 +479,6 @@ def run_eval(
         len(pending),
         config.n,
     )
-    reward_fn = reward_fn or resolve_reward(config.reward)
     if pending:
         backend = settings["backend_used"]
         if sampler is None:
@@ -431,6 +495,7 @@ def run_eval(
                 tensor_parallel_size=config.tensor_parallel_size,
                 progress=False,
             )
+        output_dir.mkdir(parents=True, exist_ok=True)  # only now: a run that fails before leaves no folder
         write_json(output_dir / SETTINGS_FILE, settings)
         # Only now, about to append, cut off a truncated last line left by a crash (reads never write).
         repair_rollouts(output_dir / ROLLOUTS_FILE)
@@ -449,6 +514,7 @@ def run_eval(
             total=len(problems),
         )
     elif not (output_dir / SETTINGS_FILE).exists():
+        output_dir.mkdir(parents=True, exist_ok=True)
         write_json(output_dir / SETTINGS_FILE, settings)
     result = EvalResult(name, records, compute_metrics(records, config.k, config.threshold), settings)
     _write_summary(result, output_dir)
