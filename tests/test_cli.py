@@ -53,7 +53,7 @@ def test_train_unknown_fields_get_did_you_mean(tmp_path, capsys):
     _fails_in_two_lines(["train", "--config", recipe], capsys, "'pacs_betta'", "did you mean pacs_beta?")
     recipe = _recipe(tmp_path)
     _fails_in_two_lines(
-        ["train", "--config", recipe, "--lerning_rate", "1e-5"], capsys, "did you mean learning_rate?"
+        ["train", "--config", recipe, "--lerning_rate", "1e-5"], capsys, "did you mean learning_rate"
     )
 
 

@@ -41,7 +41,7 @@ class UsageError(Exception):
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """`` (did you mean X?)`` for the choices closest to ``word``, or ``""`` when none is close."""
-    close = difflib.get_close_matches(word, list(choices), n=3, cutoff=0.75)
+    close = difflib.get_close_matches(word, list(dict.fromkeys(choices)), n=3, cutoff=0.75)
     return f" (did you mean {' or '.join(close)}?)" if close else ""
 
 
