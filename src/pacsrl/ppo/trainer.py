@@ -53,7 +53,8 @@ class PPOTrainer(GRPOTrainer):
     - ``_calculate_rewards``: keeps every function's rewards and rejects NaN / inf / None with the function's name
       (PPO needs a finite score for every completion; any finite value is fine).
     - ``_generate_and_score_completions``: after TRL's rollout, the critic's values, token rewards (score on the
-      last token, optional KL), GAE, whitening over all processes; replaces TRL's (N,) advantages by (N, T) ones.
+      last token, optional KL), GAE, whitening over all processes; replaces TRL's (N,) advantages by (N, T) ones
+      (and, in the completions table, each completion's GRPO advantage by its mean PPO advantage).
     - ``_compute_loss``: PPO's clipped surrogate plus the clipped value loss, token-mean over the mini-batch
       (TRL's "dapo" normalisation); the policy's term is left out during ``critic_warmup_steps``.
     - ``create_scheduler``: also creates the critic's optimizer and scheduler (before a resume loads them).
@@ -243,6 +244,12 @@ class PPOTrainer(GRPOTrainer):
         if args.whiten_advantages:
             advantages = whiten(advantages, m, a1 / n, var(a1, a2))  # (N, T)
         output["advantages"] = advantages
+        # the completions table (log_completions) shows each completion's mean PPO advantage, not TRL's GRPO one
+        per_completion = acc.gather((advantages * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0))  # (N_all,)
+        logged = self._logs["advantages"]
+        for _ in range(min(len(per_completion), len(logged))):
+            logged.pop()
+        logged.extend(per_completion.tolist())
         output["ppo_values"] = values
         output["ppo_returns"] = returns
         metrics = self._metrics[mode]
