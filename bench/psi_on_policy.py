@@ -26,12 +26,26 @@ from datasets import Dataset
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from tiny import build_tokenizer  # noqa: E402
+from tiny import build_tokenizer
 
-QWEN25_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                  num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True)
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True)
+QWEN25_05B = {
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 4096,
+    "tie_word_embeddings": True,
+}
+TINY = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": True,
+}
 
 
 def every_third(completions, **kwargs):
@@ -45,19 +59,41 @@ def run(length: int, args) -> dict:
     tok = build_tokenizer()
     torch.manual_seed(0)
     gpu = torch.cuda.is_available() and not args.cpu
-    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), pad_token_id=tok.pad_token_id,
-                                         eos_token_id=tok.eos_token_id, **(TINY if args.cpu else QWEN25_05B)))
+    model = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=len(tok),
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            **(TINY if args.cpu else QWEN25_05B),
+        )
+    )
     bf16 = gpu or args.bf16
     if bf16:
         model = model.to(torch.bfloat16)
-    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": f"what is {i} + {i} ?"}]} for i in range(256)])
-    config = PACSConfig(
-        output_dir=os.path.join(args.output, str(length)), per_device_train_batch_size=args.batch,
-        num_generations=args.group, max_completion_length=length, generation_kwargs={"min_new_tokens": length},
-        steps_per_generation=2, max_steps=args.steps, learning_rate=0.0, pacs_on_policy_fast_path=False,
-        report_to=[], logging_steps=1, save_strategy="no", bf16=bf16, use_cpu=not gpu, disable_tqdm=True, seed=0,
+    ds = Dataset.from_list(
+        [{"prompt": [{"role": "user", "content": f"what is {i} + {i} ?"}]} for i in range(256)]
     )
-    trainer = PACSTrainer(model=model, reward_funcs=every_third, args=config, train_dataset=ds, processing_class=tok)
+    config = PACSConfig(
+        output_dir=os.path.join(args.output, str(length)),
+        per_device_train_batch_size=args.batch,
+        num_generations=args.group,
+        max_completion_length=length,
+        generation_kwargs={"min_new_tokens": length},
+        steps_per_generation=2,
+        max_steps=args.steps,
+        learning_rate=0.0,
+        pacs_on_policy_fast_path=False,
+        report_to=[],
+        logging_steps=1,
+        save_strategy="no",
+        bf16=bf16,
+        use_cpu=not gpu,
+        disable_tqdm=True,
+        seed=0,
+    )
+    trainer = PACSTrainer(
+        model=model, reward_funcs=every_third, args=config, train_dataset=ds, processing_class=tok
+    )
     token_gap = []
     compute_loss = trainer._compute_loss
 
@@ -72,30 +108,44 @@ def run(length: int, args) -> dict:
     trainer._compute_loss = spy
     trainer.train()
     logs = [h for h in trainer.state.log_history if "pacs/psi/std" in h]
-    return {"completion_length": length, "bf16": bf16,
-            "on_policy": [h["pacs/on_policy"] for h in logs],
-            "psi_std": [h["pacs/psi/std"] for h in logs],
-            "implicit_reward_std": [h["pacs/implicit_reward/std"] for h in logs],
-            "completion_mean_length": [h.get("completions/mean_length") for h in logs],
-            "max_token_gap_no_grad": token_gap}
+    return {
+        "completion_length": length,
+        "bf16": bf16,
+        "on_policy": [h["pacs/on_policy"] for h in logs],
+        "psi_std": [h["pacs/psi/std"] for h in logs],
+        "implicit_reward_std": [h["pacs/implicit_reward/std"] for h in logs],
+        "completion_mean_length": [h.get("completions/mean_length") for h in logs],
+        "max_token_gap_no_grad": token_gap,
+    }
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lengths", default=None, help="completion lengths, comma-separated (default 256,2048; "
-                        "32,128 with --cpu)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--lengths",
+        default=None,
+        help="completion lengths, comma-separated (default 256,2048; 32,128 with --cpu)",
+    )
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps (micro-batches) per length")
-    parser.add_argument("--batch", type=int, default=16, help="per-device batch (completions), a multiple of --group")
+    parser.add_argument(
+        "--batch", type=int, default=16, help="per-device batch (completions), a multiple of --group"
+    )
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--cpu", action="store_true", help="a tiny model on the CPU (smoke run)")
-    parser.add_argument("--bf16", action="store_true", help="with --cpu: the model in bf16 (the GPU run always is)")
+    parser.add_argument(
+        "--bf16", action="store_true", help="with --cpu: the model in bf16 (the GPU run always is)"
+    )
     parser.add_argument("--output", default="outputs/bench-psi-on-policy")
     args = parser.parse_args()
     lengths = [int(x) for x in (args.lengths or ("32,128" if args.cpu else "256,2048")).split(",")]
     results = [run(length, args) for length in lengths]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.cpu else "cpu"
     print(f"\ndevice: {device}; batch {args.batch}, G={args.group}, learning rate 0, fast path off\n")
-    print("| completion tokens | bf16 | pacs/psi/std per micro-batch | max per-token gap (no grad) |\n|---:|---|---|---|")
+    print(
+        "| completion tokens | bf16 | pacs/psi/std per micro-batch | max per-token gap (no grad) |\n|---:|---|---|---|"
+    )
     for r in results:
         psi = ", ".join(f"{v:.2e}" for v in r["psi_std"])
         gap = ", ".join(f"{v:.1e}" for v in r["max_token_gap_no_grad"])

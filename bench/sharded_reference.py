@@ -64,13 +64,32 @@ def every_third(completions, **kwargs):
 def build(tok, output_dir: str, max_steps: int, save: bool, args) -> tuple[PACSTrainer, bool]:
     """The trainer, and whether this process's weights were NaN until accelerate prepared the model."""
     gpu = torch.cuda.is_available()
-    cfg = PACSConfig(output_dir=output_dir, per_device_train_batch_size=8, num_generations=4,
-                     max_completion_length=16, max_steps=max_steps, steps_per_generation=1, report_to=[],
-                     logging_steps=1, save_strategy="steps" if save else "no", save_steps=3, learning_rate=1e-3,
-                     eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=8,
-                     bf16=gpu, use_cpu=not gpu, disable_tqdm=True, seed=0, pacs_reference="fixed",
-                     pacs_ref_reset_steps=2, pacs_on_policy_fast_path=False, deepspeed=ZERO3_TRAINER if args.zero3 else None,
-                     fsdp=bool(args.fsdp2_cpu), fsdp_config=recipe_fsdp_config() if args.fsdp2_cpu else None)
+    cfg = PACSConfig(
+        output_dir=output_dir,
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=16,
+        max_steps=max_steps,
+        steps_per_generation=1,
+        report_to=[],
+        logging_steps=1,
+        save_strategy="steps" if save else "no",
+        save_steps=3,
+        learning_rate=1e-3,
+        eval_strategy="steps",
+        eval_steps=1,
+        per_device_eval_batch_size=8,
+        bf16=gpu,
+        use_cpu=not gpu,
+        disable_tqdm=True,
+        seed=0,
+        pacs_reference="fixed",
+        pacs_ref_reset_steps=2,
+        pacs_on_policy_fast_path=False,
+        deepspeed=ZERO3_TRAINER if args.zero3 else None,
+        fsdp=bool(args.fsdp2_cpu),
+        fsdp_config=recipe_fsdp_config() if args.fsdp2_cpu else None,
+    )
     # saved and loaded from disk like a real model, through transformers' loading (its FSDP / ZeRO-3 paths)
     model_dir = os.path.join(args.output, "initial-model")
     state = PartialState()
@@ -78,13 +97,24 @@ def build(tok, output_dir: str, max_steps: int, save: bool, args) -> tuple[PACST
         init_deepspeed_comm_on_cpu()  # on GPUs accelerate does it
     if state.is_main_process and not os.path.exists(os.path.join(model_dir, "config.json")):  # new each run
         torch.manual_seed(0)
-        config = Qwen2Config(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                             num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512,
-                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
+        config = Qwen2Config(
+            vocab_size=len(tok),
+            hidden_size=256,
+            intermediate_size=512,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            tie_word_embeddings=True,
+        )
         Qwen2ForCausalLM(config).save_pretrained(model_dir)
     state.wait_for_everyone()
     model = Qwen2ForCausalLM.from_pretrained(model_dir)
-    garbage = (args.fsdp2_cpu and cfg.fsdp_config.get("cpu_ram_efficient_loading") and not state.is_main_process)
+    garbage = (
+        args.fsdp2_cpu and cfg.fsdp_config.get("cpu_ram_efficient_loading") and not state.is_main_process
+    )
     if garbage:
         # with cpu_ram_efficient_loading only the first process's weights count: accelerate broadcasts them when it
         # prepares the model (at train start), and the other processes may hold uninitialised memory until then.
@@ -96,11 +126,21 @@ def build(tok, output_dir: str, max_steps: int, save: bool, args) -> tuple[PACST
     if args.peft:
         from peft import LoraConfig
 
-        peft_config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": f"what is {i} + {i} ?"}]} for i in range(72)])
-    return PACSTrainer(model=model, reward_funcs=every_third, args=cfg, train_dataset=ds.select(range(64)),
-                       eval_dataset=ds.select(range(64, 72)), processing_class=tok,
-                       peft_config=peft_config), bool(garbage)
+        peft_config = LoraConfig(
+            r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"
+        )
+    ds = Dataset.from_list(
+        [{"prompt": [{"role": "user", "content": f"what is {i} + {i} ?"}]} for i in range(72)]
+    )
+    return PACSTrainer(
+        model=model,
+        reward_funcs=every_third,
+        args=cfg,
+        train_dataset=ds.select(range(64)),
+        eval_dataset=ds.select(range(64, 72)),
+        processing_class=tok,
+        peft_config=peft_config,
+    ), bool(garbage)
 
 
 def sharded(module: torch.nn.Module | None) -> bool:
@@ -126,12 +166,21 @@ def step_logs(trainer: PACSTrainer, prefix: str = "") -> dict[int, dict]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--output", default="outputs/bench-sharded-reference")
-    parser.add_argument("--zero3", action="store_true", help="DeepSpeed ZeRO-3 through TrainingArguments.deepspeed")
-    parser.add_argument("--fsdp2-cpu", action="store_true",
-                        help="FSDP2 on CPU processes with the recipe's FSDP settings (see above)")
-    parser.add_argument("--peft", action="store_true", help="train a LoRA adapter (the reference: a frozen copy)")
+    parser.add_argument(
+        "--zero3", action="store_true", help="DeepSpeed ZeRO-3 through TrainingArguments.deepspeed"
+    )
+    parser.add_argument(
+        "--fsdp2-cpu",
+        action="store_true",
+        help="FSDP2 on CPU processes with the recipe's FSDP settings (see above)",
+    )
+    parser.add_argument(
+        "--peft", action="store_true", help="train a LoRA adapter (the reference: a frozen copy)"
+    )
     parser.add_argument("--tol", type=float, default=1e-3, help="|implicit reward| counted as 0")
     args = parser.parse_args()
     if args.fsdp2_cpu:
@@ -143,7 +192,7 @@ def main() -> int:
         shutil.rmtree(os.path.join(args.output, "initial-model"), ignore_errors=True)
 
     trainer, nan_until_prepared = build(tok, run_dir, max_steps=4, save=True, args=args)
-    kind = ("zero3" if trainer.is_deepspeed_enabled else "fsdp2" if trainer.is_fsdp_enabled else "none")
+    kind = "zero3" if trainer.is_deepspeed_enabled else "fsdp2" if trainer.is_fsdp_enabled else "none"
     resets = record_resets(trainer)
     trainer.train()
     logs, eval_logs = step_logs(trainer), step_logs(trainer, "eval_")
@@ -162,25 +211,33 @@ def main() -> int:
         "ref_differs_one_step_later": size(logs[2]) > args.tol and size(logs[4]) > args.tol,
         # step 4 replayed (same data and sampling after the restored RNG): same implicit rewards as the first run,
         # which neither a reference copied from the policy (0) nor the initial model would give
-        "resume_restores_reference": 4 in resumed_logs and abs(size(resumed_logs[4]) - size(logs[4]))
-        <= args.tol * max(1.0, size(logs[4])) and size(resumed_logs[4]) > args.tol,
+        "resume_restores_reference": 4 in resumed_logs
+        and abs(size(resumed_logs[4]) - size(logs[4])) <= args.tol * max(1.0, size(logs[4]))
+        and size(resumed_logs[4]) > args.tol,
         # the counter saved at step 3 (1 reset) continues: the step-4 reset is the second
         "resume_continues_counter": resumed_resets == [4] and resumed.fixed_reference.version == 2,
         "eval_ref_differs_before_reset": all(size(eval_logs[k], "eval_") > args.tol for k in (1, 3)),
         "eval_ref_equals_policy_after_reset": all(size(eval_logs[k], "eval_") <= args.tol for k in (2, 4)),
-        "finite_losses": all(math.isfinite(h["pacs/loss"]) for h in list(logs.values()) + list(resumed_logs.values())),
+        "finite_losses": all(
+            math.isfinite(h["pacs/loss"]) for h in list(logs.values()) + list(resumed_logs.values())
+        ),
     }
-    result = {"sharding": kind, "peft": args.peft, "world": trainer.accelerator.num_processes,
-              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-              # per process: the weights were NaN until accelerate's preparation (so the reference copy had to
-              # wait for it), and the policy's and the reference's parameters are shards
-              "nan_until_prepared": gather_object([nan_until_prepared]),
-              "policy_sharded": gather_object([sharded(trainer.model)]),
-              "reference_sharded": gather_object([sharded(trainer.fixed_reference.model)]),
-              "implicit_reward_size": {step: size(h) for step, h in logs.items()},
-              "resumed_implicit_reward_size": {step: size(h) for step, h in resumed_logs.items()},
-              "eval_implicit_reward_size": {step: size(h, "eval_") for step, h in eval_logs.items()},
-              "ok": ok, "all_ok": all(ok.values())}
+    result = {
+        "sharding": kind,
+        "peft": args.peft,
+        "world": trainer.accelerator.num_processes,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        # per process: the weights were NaN until accelerate's preparation (so the reference copy had to
+        # wait for it), and the policy's and the reference's parameters are shards
+        "nan_until_prepared": gather_object([nan_until_prepared]),
+        "policy_sharded": gather_object([sharded(trainer.model)]),
+        "reference_sharded": gather_object([sharded(trainer.fixed_reference.model)]),
+        "implicit_reward_size": {step: size(h) for step, h in logs.items()},
+        "resumed_implicit_reward_size": {step: size(h) for step, h in resumed_logs.items()},
+        "eval_implicit_reward_size": {step: size(h, "eval_") for step, h in eval_logs.items()},
+        "ok": ok,
+        "all_ok": all(ok.values()),
+    }
     if trainer.accelerator.is_main_process:
         print(json.dumps(result))
         os.makedirs(args.output, exist_ok=True)

@@ -163,7 +163,9 @@ def test_compute_metrics_per_source_and_overall():
 def _save_char_model(path: Path, **model) -> Path:
     """A random Qwen2 with a char-level tokenizer (printable ASCII, "[role]content" chat format), saved to
     ``path``; ``model`` sizes it (``tests/tiny.py``'s ``build_model`` arguments)."""
-    return save_tiny(path, chars=PRINTABLE, chat="brackets", tie_word_embeddings=False, bos_token_id=1, **model)
+    return save_tiny(
+        path, chars=PRINTABLE, chat="brackets", tie_word_embeddings=False, bos_token_id=1, **model
+    )
 
 
 @pytest.fixture(scope="module")
@@ -358,9 +360,8 @@ def test_run_eval_end_to_end_writes_all_files(tiny_model_dir, dataset_file, tmp_
     assert len(record["completions"]) == len(record["scores"]) == 6 and record["columns"] == {"level": 1}
 
     metrics = json.loads((out / "metrics.json").read_text())
-    assert (
-        0 < metrics["all"]["pass@1"] < metrics["all"]["pass@6"]
-    )  # mixed scores, so the check below can fail
+    # mixed scores, so the check below can fail
+    assert 0 < metrics["all"]["pass@1"] < metrics["all"]["pass@6"]
     expected = independent_metrics(out / "rollouts.jsonl", [1, 2, 3, 6])
     for group, values in expected.items():
         got = metrics["all"] if group == "all" else metrics["sources"][group]
@@ -496,6 +497,7 @@ def test_recompute_with_new_ks_and_rescore_with_the_math_verifier(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     prompt = [{"role": "user", "content": "1+1?"}]
+    # scores of a broken scorer; the verifier says 1, 0, 1, 0
     record = {
         "id": "p1",
         "source": "alpha",
@@ -504,7 +506,7 @@ def test_recompute_with_new_ks_and_rescore_with_the_math_verifier(tmp_path):
         "columns": {},
         "completions": ["so \\boxed{2}", "\\boxed{3}", "it is \\boxed{2}", "no idea"],
         "scores": [0.0, 0.0, 0.0, 0.0],
-    }  # scores of a broken scorer; the verifier says 1, 0, 1, 0
+    }
     (run_dir / "rollouts.jsonl").write_text(json.dumps(record) + "\n")
     (run_dir / "settings.json").write_text(json.dumps({"model": "m", "reward": "math", "n": 4}))
     assert recompute(run_dir, ks=[1, 4]).metrics["all"]["pass@4"] == 0.0
@@ -628,7 +630,9 @@ def test_cli_eval_recompute_compare(tiny_model_dir, dataset_file, tmp_path, monk
 
     assert main(["eval", "--compare", str(out), str(out), "--output", str(tmp_path / "cmp")]) == 0
     assert (tmp_path / "cmp" / "comparison.md").is_file()
-    assert main(["eval", "--model", str(tiny_model_dir), "--datasets", str(dataset_file), "--top-p", "0"]) == 2
+    assert (
+        main(["eval", "--model", str(tiny_model_dir), "--datasets", str(dataset_file), "--top-p", "0"]) == 2
+    )
     assert "top_p=0.0 must be in (0, 1]" in capsys.readouterr().err
     del sys.modules["my_scorers"]
 

@@ -45,7 +45,8 @@ def test_schema_and_content():
         a, op, b = meta["expression"].split()
         assert row["answer"] == str(int(a) + int(b) if op == "+" else int(a) - int(b))
         assert row["question"].endswith(meta["expression"] + " =")
-        assert json.loads(row["gym_config"]) == SMALL  # the options it was generated with travel with the file
+        # the options it was generated with travel with the file
+        assert json.loads(row["gym_config"]) == SMALL
 
 
 def test_no_duplicates_within_a_dataset():
@@ -59,7 +60,9 @@ def test_exclude_is_respected():
     first = make_gym_dataset("chain_sum", 50, seed=0, config=SMALL)
     # seed 1 reuses seed 0's problems (the generator seeds problem idx with seed + idx)
     second = make_gym_dataset("chain_sum", 50, seed=1, exclude=first["question"], config=SMALL)
-    assert not {normalize_question(q) for q in first["question"]} & {normalize_question(q) for q in second["question"]}
+    assert not {normalize_question(q) for q in first["question"]} & {
+        normalize_question(q) for q in second["question"]
+    }
 
 
 def test_splits_are_disjoint_and_eval_is_stable():
@@ -155,7 +158,9 @@ def test_reward_batch_name_and_negative_answers():
     assert reward.__name__ == "chain_sum_accuracy"
     completions = ["<answer>-5</answer>", "<answer>5</answer>", "<answer>12</answer>"]
     # 3 - 8 = -5; 3 - 8 != 5; 9 + 3 = 12; extra columns (as TRL passes them) are ignored
-    got = reward(completions, **_columns(["-5", "-5", "12"], ["3 - 8", "3 - 8", "9 + 3"]), source=["gym:chain_sum"] * 3)
+    got = reward(
+        completions, **_columns(["-5", "-5", "12"], ["3 - 8", "3 - 8", "9 + 3"]), source=["gym:chain_sum"] * 3
+    )
     assert got == [1.0, 0.0, 1.0]
 
 

@@ -21,8 +21,10 @@ def workdir(tmp_path_factory):
     d = tmp_path_factory.mktemp("train_cli")
     save_tiny(d / "model")
     with open(d / "gsm8k.jsonl", "w") as f:  # shaped like openai/gsm8k
-        for i in range(8):
-            f.write(json.dumps({"question": f"What is {i}+{i}?", "answer": f"{i}+{i}={2 * i}.\n#### {2 * i}"}) + "\n")
+        f.writelines(
+            json.dumps({"question": f"What is {i}+{i}?", "answer": f"{i}+{i}={2 * i}.\n#### {2 * i}"}) + "\n"
+            for i in range(8)
+        )
     return d
 
 
@@ -70,7 +72,9 @@ def test_grpo_ignores_pacs_fields_of_a_recipe(workdir):
         ("ppo", "PPOConfig", "pacs_beta"),
     ],
 )
-def test_fields_of_other_algorithms_are_ignored_with_a_notice(workdir, caplog, algorithm, config_name, ignored):
+def test_fields_of_other_algorithms_are_ignored_with_a_notice(
+    workdir, caplog, algorithm, config_name, ignored
+):
     # one recipe for a comparison: each algorithm takes its own fields and names, on one line, those it ignores
     path = write_recipe(workdir, f"mixed-{algorithm}", pacs_beta=0.5, critic_learning_rate=3e-6, gamma=0.9)
     with caplog.at_level("WARNING", logger="pacsrl.train_cli"):
@@ -92,21 +96,41 @@ def test_unknown_recipe_field_is_an_error(workdir):
 
 def test_rejected_config_message_reaches_the_user(workdir):
     path = write_recipe(workdir, "rejected", per_device_train_batch_size=6)
-    with pytest.raises(UsageError, match="per_device_train_batch_size=6 is not a multiple of num_generations=4"):
+    with pytest.raises(
+        UsageError, match="per_device_train_batch_size=6 is not a multiple of num_generations=4"
+    ):
         parse_train_args(["--config", str(path)])
 
 
 def _run(args, workdir):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PACSRL_LOG_LEVEL": "INFO"}
-    return subprocess.run([sys.executable, "-m", "pacsrl", "train", *args], cwd=workdir, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "pacsrl", "train", *args],
+        check=False,
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_help_lists_every_field():
-    out = subprocess.run([sys.executable, "-m", "pacsrl", "train", "--help-all"], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "pacsrl", "train", "--help-all"], capture_output=True, text=True, check=False
+    )
     assert out.returncode == 0
-    for flag in ("--pacs_beta", "--pacs_reference", "--pacs_ref_reset_steps", "--algorithm", "--train_dataset",
-                 "--model_name_or_path", "--num_generations", "--learning_rate", "--use_peft"):
+    for flag in (
+        "--pacs_beta",
+        "--pacs_reference",
+        "--pacs_ref_reset_steps",
+        "--algorithm",
+        "--train_dataset",
+        "--model_name_or_path",
+        "--num_generations",
+        "--learning_rate",
+        "--use_peft",
+    ):
         assert flag in out.stdout
 
 
@@ -133,8 +157,20 @@ def test_train_under_torchrun_with_two_processes(workdir):
     (on CPU `accelerate launch --cpu` starts a single process, whatever --num_processes says)."""
     path = write_recipe(workdir, "launched", max_steps=2)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PACSRL_LOG_LEVEL": "INFO", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _free_port(),
-           "-m", "pacsrl", "train", "--config", str(path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        _free_port(),
+        "-m",
+        "pacsrl",
+        "train",
+        "--config",
+        str(path),
+    ]
     proc = subprocess.run(cmd, check=False, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
@@ -164,11 +200,32 @@ def test_cpu_recipe_trains_as_its_header_says(tmp_path):
     evaluation): it trains the shipped demo model on the demo task with the task's own scorer and saves it."""
     root = RECIPES[0].parents[1]
     out = tmp_path / "tiny"
-    overrides = ["--max_steps", "2", "--per_device_train_batch_size", "16", "--gym_size", "16", "--gym_eval_size", "4",
-                 "--eval_steps", "2", "--per_device_eval_batch_size", "16", "--output_dir", str(out)]
+    overrides = [
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "16",
+        "--gym_size",
+        "16",
+        "--gym_eval_size",
+        "4",
+        "--eval_steps",
+        "2",
+        "--per_device_eval_batch_size",
+        "16",
+        "--output_dir",
+        str(out),
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PACSRL_LOG_LEVEL": "INFO"}
-    proc = subprocess.run([sys.executable, "-m", "pacsrl", "train", "--config", "recipes/tiny-demo-cpu.yaml", *overrides],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=900, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pacsrl", "train", "--config", "recipes/tiny-demo-cpu.yaml", *overrides],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
     out_text = proc.stdout + proc.stderr
     assert proc.returncode == 0, out_text[-3000:]
     assert "reward: gym:chain_sum's own scorer" in out_text and "rewards/chain_sum_accuracy/mean" in out_text

@@ -37,15 +37,25 @@ def make_dataset(n=16):
 def make_trainer(tmp_path, seed=0, reward=any_digit, **overrides):
     tok = build_tokenizer()
     model = build_model(tok, seed=seed)
-    kwargs = dict(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_generations=4,
-        max_completion_length=8, max_steps=3, report_to=[], use_cpu=True, logging_steps=1,
-        save_strategy="no", learning_rate=1e-2, seed=seed, disable_tqdm=True,
-    )
+    kwargs = {
+        "output_dir": str(tmp_path / "out"),
+        "per_device_train_batch_size": 8,
+        "num_generations": 4,
+        "max_completion_length": 8,
+        "max_steps": 3,
+        "report_to": [],
+        "use_cpu": True,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "learning_rate": 1e-2,
+        "seed": seed,
+        "disable_tqdm": True,
+    }
     kwargs.update(overrides)
     args = PACSConfig(**kwargs)
-    return PACSTrainer(model=model, reward_funcs=reward, args=args, train_dataset=make_dataset(),
-                       processing_class=tok)
+    return PACSTrainer(
+        model=model, reward_funcs=reward, args=args, train_dataset=make_dataset(), processing_class=tok
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -55,7 +65,8 @@ def test_labels_from_rewards():
     # two functions, weights (1, 3): weighted means (1*1 + 3*1)/4 = 1, (1*1 + 3*0)/4 = 0.25, (0 + 3*1)/4 = 0.75
     r = torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, 1.0], [float("nan"), 1.0], [float("nan"), float("nan")]])
     w = torch.tensor([1.0, 3.0])
-    assert labels_from_rewards(r, w, 1.0).tolist() == [1, 0, 0, 1, 0]  # NaN rows: only the scoring function counts
+    # NaN rows: only the scoring function counts
+    assert labels_from_rewards(r, w, 1.0).tolist() == [1, 0, 0, 1, 0]
     assert labels_from_rewards(r, w, 0.7).tolist() == [1, 0, 1, 1, 0]
     with pytest.raises(ValueError, match=r"rewards in \[0, 1\]"):
         labels_from_rewards(torch.tensor([[2.0]]), torch.tensor([1.0]), 0.5)
@@ -66,14 +77,19 @@ def test_check_whole_groups_detects_split_groups():
     with pytest.raises(RuntimeError, match="split"):
         _check_whole_groups(torch.tensor([5, 2, 5, 2]), 2)
     with pytest.raises(RuntimeError, match="split"):
-        _check_whole_groups(torch.tensor([5, 5, 5, 5]), 2)  # the same group twice: half of it came from elsewhere
+        # the same group twice: half of it came from elsewhere
+        _check_whole_groups(torch.tensor([5, 5, 5, 5]), 2)
     with pytest.raises(RuntimeError, match="whole groups"):
         _check_whole_groups(torch.tensor([1, 1, 1]), 2)
 
 
 def test_shuffle_groups_keeps_groups_contiguous():
     torch.manual_seed(0)
-    batch = {"pacs_labels": torch.arange(12), "names": [f"r{i}" for i in range(12)], "scalar": torch.tensor(3)}
+    batch = {
+        "pacs_labels": torch.arange(12),
+        "names": [f"r{i}" for i in range(12)],
+        "scalar": torch.tensor(3),
+    }
     out = _shuffle_groups(batch, 4)
     rows = out["pacs_labels"].view(3, 4)
     assert (rows - rows[:, :1] == torch.arange(4)).all()  # each block is one original group, in order
@@ -136,8 +152,9 @@ def test_loss_matches_pacs_loss_with_independent_logps(tmp_path):
     got = trainer._compute_loss(model, inputs) * trainer.current_gradient_accumulation_steps
     with torch.no_grad():
         logps = _manual_logps(model, inputs, trainer.temperature)
-    expected = pacs_loss(logps, inputs["old_per_token_logps"], inputs["completion_mask"], inputs["pacs_labels"], 4,
-                         beta=0.7)
+    expected = pacs_loss(
+        logps, inputs["old_per_token_logps"], inputs["completion_mask"], inputs["pacs_labels"], 4, beta=0.7
+    )
     assert got.item() == pytest.approx(expected.item(), rel=1e-4, abs=1e-6)
 
 
@@ -145,16 +162,19 @@ def _grads(trainer, inputs):
     trainer.model.zero_grad()
     loss = trainer._compute_loss(trainer.model, inputs)
     loss.backward()
-    return loss.detach(), [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
-                           for p in trainer.model.parameters()]
+    return loss.detach(), [
+        p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+        for p in trainer.model.parameters()
+    ]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("baseline", ["rloo", "grpo"])
 def test_fast_path_gradients_equal_full_loss(tmp_path, baseline):
     # pacs_beta != 1: a fast path that ignored pacs_beta would give other gradients
-    trainer = make_trainer(tmp_path, max_steps=1, learning_rate=0.0, pacs_baseline=baseline, reward=every_third,
-                           pacs_beta=0.5)
+    trainer = make_trainer(
+        tmp_path, max_steps=1, learning_rate=0.0, pacs_baseline=baseline, reward=every_third, pacs_beta=0.5
+    )
     trainer.train()  # lr 0: the policy is unchanged, so the buffered batch is on-policy again
     trainer.state.global_step = trainer._pacs_old_step
     inputs = trainer._buffered_inputs[0]
@@ -181,14 +201,22 @@ def first_group_mixed(completions, **kwargs):
 @pytest.mark.slow
 @pytest.mark.parametrize("baseline", ["rloo", "mean"])
 def test_fast_path_with_some_groups_skipped_equals_full_loss(tmp_path, baseline):
-    trainer = make_trainer(tmp_path, max_steps=1, learning_rate=0.0, pacs_baseline=baseline,
-                           reward=first_group_mixed, pacs_beta=2.0)
+    trainer = make_trainer(
+        tmp_path,
+        max_steps=1,
+        learning_rate=0.0,
+        pacs_baseline=baseline,
+        reward=first_group_mixed,
+        pacs_beta=2.0,
+    )
     trainer.train()
     trainer.state.global_step = trainer._pacs_old_step
     inputs = trainer._buffered_inputs[0]
     labels = inputs["pacs_labels"].view(-1, 4)
     mixed = labels.min(1).values != labels.max(1).values
-    assert bool(mixed.any()) and not bool(mixed.all()), "the micro-batch needs one mixed and one uniform group"
+    assert bool(mixed.any()) and not bool(mixed.all()), (
+        "the micro-batch needs one mixed and one uniform group"
+    )
     trainer.model.train()
     trainer.args.pacs_on_policy_fast_path = True
     trainer._metrics["train"].clear()
@@ -207,8 +235,14 @@ def test_fast_path_with_some_groups_skipped_equals_full_loss(tmp_path, baseline)
 def test_mean_logp_loss_and_gradients_match_an_independent_computation(tmp_path):
     """The reference-free form is never 'on-policy' (its psi is not 0 when pi_theta == pi_old): the trainer must use
     the full mean_logp loss there, not the fast path's, and pass reward_form on to the loss."""
-    trainer = make_trainer(tmp_path, max_steps=1, learning_rate=0.0, reward=every_third, pacs_reward_form="mean_logp",
-                           pacs_beta=0.5)
+    trainer = make_trainer(
+        tmp_path,
+        max_steps=1,
+        learning_rate=0.0,
+        reward=every_third,
+        pacs_reward_form="mean_logp",
+        pacs_beta=0.5,
+    )
     trainer.train()  # lr 0: the buffered batch is what pi_theta generated, as on the first update of a rollout
     trainer.state.global_step = trainer._pacs_old_step
     inputs = trainer._buffered_inputs[0]
@@ -216,8 +250,9 @@ def test_mean_logp_loss_and_gradients_match_an_independent_computation(tmp_path)
     loss, grads = _grads(trainer, inputs)
     trainer.model.zero_grad()
     logps = _manual_logps(trainer.model, inputs, trainer.temperature)
-    expected = pacs_loss(logps, None, inputs["completion_mask"], inputs["pacs_labels"], 4, beta=0.5,
-                         reward_form="mean_logp")
+    expected = pacs_loss(
+        logps, None, inputs["completion_mask"], inputs["pacs_labels"], 4, beta=0.5, reward_form="mean_logp"
+    )
     expected.backward()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     scale = max(p.grad.abs().max().item() for p in trainer.model.parameters())
@@ -245,8 +280,16 @@ def test_fast_path_skips_groups_with_equal_labels(tmp_path):
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_fixed_reference_resets_on_schedule_and_resumes(tmp_path):
-    trainer = make_trainer(tmp_path, max_steps=4, pacs_reference="fixed", pacs_ref_reset_steps=2,
-                           save_strategy="steps", save_steps=2, pacs_beta=0.5, reward=every_third)
+    trainer = make_trainer(
+        tmp_path,
+        max_steps=4,
+        pacs_reference="fixed",
+        pacs_ref_reset_steps=2,
+        save_strategy="steps",
+        save_steps=2,
+        pacs_beta=0.5,
+        reward=every_third,
+    )
     events = []
     real_reset = trainer.fixed_reference.reset
 
@@ -266,8 +309,15 @@ def test_fixed_reference_resets_on_schedule_and_resumes(tmp_path):
     assert trainer.fixed_reference.version == 2
 
     # resume from the step-2 checkpoint: the reference is the one saved there, the counter continues
-    resumed = make_trainer(tmp_path, max_steps=3, pacs_reference="fixed", pacs_ref_reset_steps=2,
-                           save_strategy="no", pacs_beta=0.5, reward=every_third)
+    resumed = make_trainer(
+        tmp_path,
+        max_steps=3,
+        pacs_reference="fixed",
+        pacs_ref_reset_steps=2,
+        save_strategy="no",
+        pacs_beta=0.5,
+        reward=every_third,
+    )
     resumed_events = []
     real = resumed.fixed_reference.reset
     resumed.fixed_reference.reset = lambda: (real(), resumed_events.append(resumed.state.global_step))
@@ -279,11 +329,19 @@ def test_fixed_reference_resets_on_schedule_and_resumes(tmp_path):
     ref_now = resumed.fixed_reference.module().state_dict()
     assert saved_ref and all(torch.equal(ref_now[k], v) for k, v in saved_ref.items())  # the saved reference
     fresh = build_model(build_tokenizer(), seed=0).state_dict()
-    assert any(not torch.equal(fresh[k], v) for k, v in saved_ref.items())  # ... which is not the initial model
+    # ... which is not the initial model
+    assert any(not torch.equal(fresh[k], v) for k, v in saved_ref.items())
 
     # a run resumed to step 4 resets on schedule there
-    again = make_trainer(tmp_path, max_steps=4, pacs_reference="fixed", pacs_ref_reset_steps=2,
-                         save_strategy="no", pacs_beta=0.5, reward=every_third)
+    again = make_trainer(
+        tmp_path,
+        max_steps=4,
+        pacs_reference="fixed",
+        pacs_ref_reset_steps=2,
+        save_strategy="no",
+        pacs_beta=0.5,
+        reward=every_third,
+    )
     again_events = []
     real_again = again.fixed_reference.reset
     again.fixed_reference.reset = lambda: (real_again(), again_events.append(again.state.global_step))
@@ -294,43 +352,57 @@ def test_fixed_reference_resets_on_schedule_and_resumes(tmp_path):
 # --------------------------------------------------------------------------------------------------
 # config validation
 # --------------------------------------------------------------------------------------------------
-BASE = dict(output_dir="/tmp/pacs-cfg-test", report_to=[], use_cpu=True, per_device_train_batch_size=8,
-            num_generations=4)
+BASE = {
+    "output_dir": "/tmp/pacs-cfg-test",
+    "report_to": [],
+    "use_cpu": True,
+    "per_device_train_batch_size": 8,
+    "num_generations": 4,
+}
 
 
 @pytest.mark.parametrize(
     "overrides,match",
     [
-        (dict(per_device_train_batch_size=12, num_generations=8), r"per_device_train_batch_size=12 is not a multiple"),
-        (dict(num_generations=1, per_device_train_batch_size=2), r"at least 2"),
-        (dict(loss_type="dapo"), r"loss_type='dapo'"),
-        (dict(beta=0.04), r"beta=0.04 is a GRPO option.*KL"),
-        (dict(scale_rewards="none"), r"scale_rewards='none'.*pacs_baseline"),
-        (dict(importance_sampling_level="sequence"), r"importance_sampling_level='sequence'"),
-        (dict(top_entropy_quantile=0.2), r"top_entropy_quantile=0.2"),
-        (dict(mask_truncated_completions=True), r"mask_truncated_completions=True"),
-        (dict(vllm_importance_sampling_correction=True), r"vllm_importance_sampling_correction=True"),
-        (dict(entropy_coef=0.01), r"entropy_coef=0.01"),
-        (dict(epsilon_high=0.28), r"epsilon_high=0.28"),
-        (dict(off_policy_mask_threshold=0.5), r"off_policy_mask_threshold"),
-        (dict(sync_ref_model=True), r"sync_ref_model=True"),
-        (dict(pacs_baseline="ppo"), r"pacs_baseline='ppo'"),
-        (dict(pacs_weight_mode="x"), r"pacs_weight_mode='x'"),
-        (dict(pacs_reward_form="x"), r"pacs_reward_form='x'"),
-        (dict(pacs_reference="x"), r"pacs_reference='x'"),
-        (dict(pacs_beta=0.0), r"pacs_beta=0.0"),
-        (dict(pacs_reference="fixed", pacs_ref_reset_steps=0), r"pacs_ref_reset_steps=0"),
-        (dict(pacs_label_threshold=0.0), r"pacs_label_threshold=0.0"),
-        (dict(reward_weights=[1.0, -1.0]), r"weights must be >= 0"),
-        (dict(reward_weights=[0.0, 0.0]), r"positive sum"),
-        (dict(pacs_label_threshold=1.5), r"pacs_label_threshold=1.5"),
-        (dict(pacs_reference="fixed", pacs_reward_form="mean_logp"), r"mean_logp.*uses no reference"),
-        (dict(pacs_reference="fixed", save_on_each_node=True), r"save_on_each_node=True with pacs_reference='fixed'"),
-        (dict(epsilon=0.3), r"epsilon=0.3 is a GRPO option"),
-        (dict(delta=1.5), r"delta=1.5 is a GRPO option"),
-        (dict(use_adaptive_entropy=True), r"use_adaptive_entropy=True"),
-        (dict(multi_objective_aggregation="normalize_then_sum"), r"multi_objective_aggregation"),
-        (dict(eval_strategy="steps", per_device_eval_batch_size=6), r"per_device_eval_batch_size=6 is not a multiple"),
+        (
+            {"per_device_train_batch_size": 12, "num_generations": 8},
+            r"per_device_train_batch_size=12 is not a multiple",
+        ),
+        ({"num_generations": 1, "per_device_train_batch_size": 2}, r"at least 2"),
+        ({"loss_type": "dapo"}, r"loss_type='dapo'"),
+        ({"beta": 0.04}, r"beta=0.04 is a GRPO option.*KL"),
+        ({"scale_rewards": "none"}, r"scale_rewards='none'.*pacs_baseline"),
+        ({"importance_sampling_level": "sequence"}, r"importance_sampling_level='sequence'"),
+        ({"top_entropy_quantile": 0.2}, r"top_entropy_quantile=0.2"),
+        ({"mask_truncated_completions": True}, r"mask_truncated_completions=True"),
+        ({"vllm_importance_sampling_correction": True}, r"vllm_importance_sampling_correction=True"),
+        ({"entropy_coef": 0.01}, r"entropy_coef=0.01"),
+        ({"epsilon_high": 0.28}, r"epsilon_high=0.28"),
+        ({"off_policy_mask_threshold": 0.5}, r"off_policy_mask_threshold"),
+        ({"sync_ref_model": True}, r"sync_ref_model=True"),
+        ({"pacs_baseline": "ppo"}, r"pacs_baseline='ppo'"),
+        ({"pacs_weight_mode": "x"}, r"pacs_weight_mode='x'"),
+        ({"pacs_reward_form": "x"}, r"pacs_reward_form='x'"),
+        ({"pacs_reference": "x"}, r"pacs_reference='x'"),
+        ({"pacs_beta": 0.0}, r"pacs_beta=0.0"),
+        ({"pacs_reference": "fixed", "pacs_ref_reset_steps": 0}, r"pacs_ref_reset_steps=0"),
+        ({"pacs_label_threshold": 0.0}, r"pacs_label_threshold=0.0"),
+        ({"reward_weights": [1.0, -1.0]}, r"weights must be >= 0"),
+        ({"reward_weights": [0.0, 0.0]}, r"positive sum"),
+        ({"pacs_label_threshold": 1.5}, r"pacs_label_threshold=1.5"),
+        ({"pacs_reference": "fixed", "pacs_reward_form": "mean_logp"}, r"mean_logp.*uses no reference"),
+        (
+            {"pacs_reference": "fixed", "save_on_each_node": True},
+            r"save_on_each_node=True with pacs_reference='fixed'",
+        ),
+        ({"epsilon": 0.3}, r"epsilon=0.3 is a GRPO option"),
+        ({"delta": 1.5}, r"delta=1.5 is a GRPO option"),
+        ({"use_adaptive_entropy": True}, r"use_adaptive_entropy=True"),
+        ({"multi_objective_aggregation": "normalize_then_sum"}, r"multi_objective_aggregation"),
+        (
+            {"eval_strategy": "steps", "per_device_eval_batch_size": 6},
+            r"per_device_eval_batch_size=6 is not a multiple",
+        ),
     ],
 )
 def test_config_rejections(overrides, match):
@@ -340,20 +412,26 @@ def test_config_rejections(overrides, match):
 
 def test_config_accepts_defaults():
     cfg = PACSConfig(**BASE)
-    assert cfg.pacs_beta == 1.0 and cfg.pacs_baseline == "rloo" and cfg.loss_type == "pacs" and cfg.beta == 0.0
+    assert (
+        cfg.pacs_beta == 1.0 and cfg.pacs_baseline == "rloo" and cfg.loss_type == "pacs" and cfg.beta == 0.0
+    )
 
 
 def test_config_checks_grpo_options_after_trl_normalises_them():
     # GRPOConfig turns scale_rewards=True into "group" (PACS's value) and False into "none"
     assert PACSConfig(**BASE, scale_rewards=True).scale_rewards == "group"
-    with pytest.raises(ValueError, match=r"scale_rewards=False \(which TRL reads as 'none'\).*set scale_rewards='group'"):
+    with pytest.raises(
+        ValueError, match=r"scale_rewards=False \(which TRL reads as 'none'\).*set scale_rewards='group'"
+    ):
         PACSConfig(**BASE, scale_rewards=False)
 
 
 @pytest.mark.parametrize("name", sorted(config_mod._GRPO_ONLY))
 def test_each_grpo_only_rejection_names_the_option_and_the_fix(name):
     expected = config_mod._GRPO_ONLY[name][0]
-    wrong = {bool: lambda v: not v, float: lambda v: v + 0.5, str: lambda v: v + "x"}.get(type(expected), lambda v: 0.5)
+    wrong = {bool: lambda v: not v, float: lambda v: v + 0.5, str: lambda v: v + "x"}.get(
+        type(expected), lambda v: 0.5
+    )
     with pytest.raises(ValueError) as info:
         PACSConfig(**BASE, **{name: wrong(expected)})
     message = str(info.value)
@@ -366,8 +444,13 @@ def test_trainer_rejects_grpo_config(tmp_path):
 
     tok = build_tokenizer()
     with pytest.raises(TypeError, match="PACSConfig"):
-        PACSTrainer(model=build_model(tok), reward_funcs=any_digit, processing_class=tok,
-                    args=GRPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True), train_dataset=make_dataset())
+        PACSTrainer(
+            model=build_model(tok),
+            reward_funcs=any_digit,
+            processing_class=tok,
+            args=GRPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True),
+            train_dataset=make_dataset(),
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -378,12 +461,27 @@ def test_lora_training_updates_only_the_adapter(tmp_path):
     peft = pytest.importorskip("peft")
     tok = build_tokenizer()
     model = build_model(tok)
-    args = PACSConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4,
-                      max_completion_length=8, max_steps=2, steps_per_generation=2, report_to=[], use_cpu=True,
-                      save_strategy="no", learning_rate=1e-2, disable_tqdm=True)
-    trainer = PACSTrainer(model=model, reward_funcs=every_third, args=args, train_dataset=make_dataset(),
-                          processing_class=tok,
-                          peft_config=peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    args = PACSConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=8,
+        max_steps=2,
+        steps_per_generation=2,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        learning_rate=1e-2,
+        disable_tqdm=True,
+    )
+    trainer = PACSTrainer(
+        model=model,
+        reward_funcs=every_third,
+        args=args,
+        train_dataset=make_dataset(),
+        processing_class=tok,
+        peft_config=peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    )
     named = dict(trainer.model.named_parameters())
     lora_before = {k: v.detach().clone() for k, v in named.items() if "lora_B" in k}
     base_before = {k: v.detach().clone() for k, v in named.items() if "lora_" not in k}
@@ -399,8 +497,12 @@ def test_lora_training_updates_only_the_adapter(tmp_path):
 def test_gradient_checkpointing_gives_the_same_update(tmp_path):
     params = []
     for checkpointing in (False, True):
-        trainer = make_trainer(tmp_path / str(checkpointing), max_steps=1, reward=every_third,
-                               gradient_checkpointing=checkpointing)
+        trainer = make_trainer(
+            tmp_path / str(checkpointing),
+            max_steps=1,
+            reward=every_third,
+            gradient_checkpointing=checkpointing,
+        )
         trainer.train()
         params.append(torch.cat([p.detach().flatten() for p in trainer.model.parameters()]))
     assert torch.allclose(params[0], params[1], atol=1e-5)
@@ -410,12 +512,31 @@ def test_gradient_checkpointing_gives_the_same_update(tmp_path):
 @pytest.mark.parametrize("reference", ["old", "fixed"])
 def test_evaluation_logs_pacs_metrics(tmp_path, reference):
     tok = build_tokenizer()
-    args = PACSConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4,
-                      max_completion_length=6, max_steps=2, report_to=[], use_cpu=True, save_strategy="no",
-                      learning_rate=1e-2, disable_tqdm=True, eval_strategy="steps", eval_steps=2,
-                      per_device_eval_batch_size=8, num_generations_eval=4, pacs_reference=reference)
-    trainer = PACSTrainer(model=build_model(tok), reward_funcs=every_third, args=args, train_dataset=make_dataset(),
-                          eval_dataset=make_dataset(8), processing_class=tok)
+    args = PACSConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=6,
+        max_steps=2,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        learning_rate=1e-2,
+        disable_tqdm=True,
+        eval_strategy="steps",
+        eval_steps=2,
+        per_device_eval_batch_size=8,
+        num_generations_eval=4,
+        pacs_reference=reference,
+    )
+    trainer = PACSTrainer(
+        model=build_model(tok),
+        reward_funcs=every_third,
+        args=args,
+        train_dataset=make_dataset(),
+        eval_dataset=make_dataset(8),
+        processing_class=tok,
+    )
     trainer.train()
     evals = [h for h in trainer.state.log_history if "eval_pacs/loss" in h]
     assert len(evals) == 1 and math.isfinite(evals[0]["eval_pacs/loss"])
@@ -428,20 +549,36 @@ def test_evaluation_logs_pacs_metrics(tmp_path, reference):
 def test_fixed_reference_with_lora_is_a_frozen_adapter_copy(tmp_path):
     peft = pytest.importorskip("peft")
     tok = build_tokenizer()
-    common = dict(per_device_train_batch_size=8, num_generations=4, max_completion_length=6, max_steps=3,
-                  report_to=[], use_cpu=True, learning_rate=5e-2, disable_tqdm=True, pacs_reference="fixed",
-                  pacs_ref_reset_steps=2, logging_steps=1)
-    lora = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    trainer = PACSTrainer(model=build_model(tok), reward_funcs=every_third, processing_class=tok,
-                          args=PACSConfig(output_dir=str(tmp_path / "a"), save_strategy="steps", save_steps=2,
-                                          **common),
-                          train_dataset=make_dataset(), peft_config=peft.LoraConfig(**lora))
+    common = {
+        "per_device_train_batch_size": 8,
+        "num_generations": 4,
+        "max_completion_length": 6,
+        "max_steps": 3,
+        "report_to": [],
+        "use_cpu": True,
+        "learning_rate": 5e-2,
+        "disable_tqdm": True,
+        "pacs_reference": "fixed",
+        "pacs_ref_reset_steps": 2,
+        "logging_steps": 1,
+    }
+    lora = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": False}
+    trainer = PACSTrainer(
+        model=build_model(tok),
+        reward_funcs=every_third,
+        processing_class=tok,
+        args=PACSConfig(output_dir=str(tmp_path / "a"), save_strategy="steps", save_steps=2, **common),
+        train_dataset=make_dataset(),
+        peft_config=peft.LoraConfig(**lora),
+    )
 
     def adapters(model):
         named = dict(model.named_parameters())
         pairs = [(k, k.replace(".default.", ".pacs_ref.")) for k in named if ".default." in k]
         assert pairs and all(b in named for _, b in pairs)
-        return [(named[a].detach().clone(), named[b].detach().clone(), named[b].requires_grad) for a, b in pairs]
+        return [
+            (named[a].detach().clone(), named[b].detach().clone(), named[b].requires_grad) for a, b in pairs
+        ]
 
     start = adapters(trainer.model)
     assert all(torch.equal(a, b) and not frozen for a, b, frozen in start)  # a frozen copy of the adapter
@@ -466,13 +603,20 @@ def test_fixed_reference_with_lora_is_a_frozen_adapter_copy(tmp_path):
     assert log[1]["pacs/implicit_reward/std"] > 0
 
     # resume from checkpoint-2: the reference adapter saved there comes back
-    resumed = PACSTrainer(model=build_model(tok), reward_funcs=every_third, processing_class=tok,
-                          args=PACSConfig(output_dir=str(tmp_path / "b"), save_strategy="no", **common),
-                          train_dataset=make_dataset(), peft_config=peft.LoraConfig(**lora))
+    resumed = PACSTrainer(
+        model=build_model(tok),
+        reward_funcs=every_third,
+        processing_class=tok,
+        args=PACSConfig(output_dir=str(tmp_path / "b"), save_strategy="no", **common),
+        train_dataset=make_dataset(),
+        peft_config=peft.LoraConfig(**lora),
+    )
     resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
     assert resumed.fixed_reference.version == 1
-    assert all(torch.equal(b_res, b_saved) for (_, b_res, _), (_, b_saved, _) in zip(adapters(resumed.model),
-                                                                                     after_reset))
+    assert all(
+        torch.equal(b_res, b_saved)
+        for (_, b_res, _), (_, b_saved, _) in zip(adapters(resumed.model), after_reset)
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -482,11 +626,22 @@ def test_fixed_reference_is_the_policy_right_after_it_is_built(tmp_path, dtype):
     log-probs exactly (psi = 0 right after a reset)."""
     tok = build_tokenizer()
     model = build_model(tok).to(dtype)
-    args = PACSConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_generations=4,
-                      max_completion_length=6, max_steps=1, report_to=[], use_cpu=True, disable_tqdm=True,
-                      pacs_reference="fixed", cast_lm_head_to_fp32=dtype == torch.bfloat16, bf16=True)
-    trainer = PACSTrainer(model=model, reward_funcs=every_third, args=args, train_dataset=make_dataset(),
-                          processing_class=tok)
+    args = PACSConfig(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=6,
+        max_steps=1,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        pacs_reference="fixed",
+        cast_lm_head_to_fp32=dtype == torch.bfloat16,
+        bf16=True,
+    )
+    trainer = PACSTrainer(
+        model=model, reward_funcs=every_third, args=args, train_dataset=make_dataset(), processing_class=tok
+    )
     policy = trainer.accelerator.unwrap_model(trainer.model)
     ref = trainer.fixed_reference.module()
     if dtype == torch.bfloat16:
@@ -497,8 +652,12 @@ def test_fixed_reference_is_the_policy_right_after_it_is_built(tmp_path, dtype):
     for k, v in p_sd.items():
         assert r_sd[k].dtype == v.dtype and torch.equal(r_sd[k], v), k
     ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
-    inputs = dict(prompt_ids=ids[:, :3], prompt_mask=torch.ones(2, 3, dtype=torch.long), completion_ids=ids[:, 3:],
-                  completion_mask=torch.ones(2, 3, dtype=torch.long))
+    inputs = {
+        "prompt_ids": ids[:, :3],
+        "prompt_mask": torch.ones(2, 3, dtype=torch.long),
+        "completion_ids": ids[:, 3:],
+        "completion_mask": torch.ones(2, 3, dtype=torch.long),
+    }
     with torch.no_grad():
         logps, _ = trainer._forward(trainer.model, inputs)
         ref_logps = trainer._reference_logps(inputs, logps, on_policy=False)
@@ -516,7 +675,8 @@ def test_deferred_reference_gets_the_policy_at_train_start_unless_resumed(tmp_pa
             for p in ref.parameters():
                 p.zero_()  # what the reference holds before it is given weights
             for b in ref.buffers():
-                b.fill_(float("nan"))  # non-persistent buffers (rotary frequencies) too: never in a checkpoint
+                # non-persistent buffers (rotary frequencies) too: never in a checkpoint
+                b.fill_(float("nan"))
         trainer.fixed_reference.pending = True
         seen = {}
 
@@ -526,14 +686,16 @@ def test_deferred_reference_gets_the_policy_at_train_start_unless_resumed(tmp_pa
                     seen["ref"] = {k: v.clone() for k, v in ref.state_dict().items()}
                     policy = trainer.accelerator.unwrap_model(trainer.model)
                     seen["buffers"] = all(torch.equal(a, b) for a, b in zip(ref.buffers(), policy.buffers()))
-                    seen["policy"] = {k: v.clone() for k, v in
-                                      trainer.accelerator.unwrap_model(trainer.model).state_dict().items()}
+                    seen["policy"] = {
+                        k: v.clone()
+                        for k, v in trainer.accelerator.unwrap_model(trainer.model).state_dict().items()
+                    }
 
         trainer.add_callback(AtFirstStep())
         return seen
 
     # reset every 3 steps: the step-2 checkpoint holds the initial reference while the policy has moved
-    kwargs = dict(pacs_reference="fixed", pacs_ref_reset_steps=3, reward=every_third, pacs_beta=0.5)
+    kwargs = {"pacs_reference": "fixed", "pacs_ref_reset_steps": 3, "reward": every_third, "pacs_beta": 0.5}
     trainer = make_trainer(tmp_path, max_steps=2, save_strategy="steps", save_steps=2, **kwargs)
     seen = start(trainer)
     trainer.train()
@@ -557,7 +719,8 @@ def test_reference_dtype_ignores_a_dominant_fp32_embedding():
     model.lm_head.float()  # tied: the embedding too, as TRL's cast_lm_head_to_fp32 does
     embedding = model.get_input_embeddings().weight.numel()
     body = sum(p.numel() for p in model.parameters()) - embedding
-    assert model.get_input_embeddings().weight.dtype == torch.float32 and embedding > body  # fp32 has the majority
+    # fp32 has the majority
+    assert model.get_input_embeddings().weight.dtype == torch.float32 and embedding > body
     assert reference_mod._main_dtype(model) == torch.bfloat16
 
 
@@ -601,15 +764,30 @@ def tool_tokenizer():
 def test_environment_provides_the_reward_and_no_reward_source_is_trls_error(tmp_path, monkeypatch):
     monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
     tok = tool_tokenizer()
-    args = PACSConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
-                      max_completion_length=4, max_steps=1, report_to=[], use_cpu=True, save_strategy="no",
-                      disable_tqdm=True, logging_steps=1)
-    trainer = PACSTrainer(model=build_model(tok), args=args, train_dataset=make_dataset(), processing_class=tok,
-                          environment_factory=ScoredEnv)
+    args = PACSConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=4,
+        max_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        logging_steps=1,
+    )
+    trainer = PACSTrainer(
+        model=build_model(tok),
+        args=args,
+        train_dataset=make_dataset(),
+        processing_class=tok,
+        environment_factory=ScoredEnv,
+    )
     assert trainer.reward_func_names == ["ScoredEnv"]
     trainer.train()
     log = next(h for h in trainer.state.log_history if "pacs/label_mean" in h)
-    assert log["rewards/ScoredEnv/mean"] == 1.0 and log["pacs/label_mean"] == 1.0  # labels from the environment
+    # labels from the environment
+    assert log["rewards/ScoredEnv/mean"] == 1.0 and log["pacs/label_mean"] == 1.0
     with pytest.raises(ValueError, match="No reward source provided"):
         PACSTrainer(model=build_model(tok), args=args, train_dataset=make_dataset(), processing_class=tok)
 
@@ -617,12 +795,29 @@ def test_environment_provides_the_reward_and_no_reward_source_is_trls_error(tmp_
 @pytest.mark.slow
 def test_evaluation_with_one_generation_logs_rewards_and_leaves_out_group_metrics(tmp_path):
     tok = build_tokenizer()
-    args = PACSConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4,
-                      max_completion_length=6, max_steps=1, report_to=[], use_cpu=True, save_strategy="no",
-                      disable_tqdm=True, eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=4,
-                      num_generations_eval=1)
-    trainer = PACSTrainer(model=build_model(tok), reward_funcs=every_third, args=args, train_dataset=make_dataset(),
-                          eval_dataset=make_dataset(8), processing_class=tok)
+    args = PACSConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=6,
+        max_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        eval_strategy="steps",
+        eval_steps=1,
+        per_device_eval_batch_size=4,
+        num_generations_eval=1,
+    )
+    trainer = PACSTrainer(
+        model=build_model(tok),
+        reward_funcs=every_third,
+        args=args,
+        train_dataset=make_dataset(),
+        eval_dataset=make_dataset(8),
+        processing_class=tok,
+    )
     trainer.train()
     evals = [h for h in trainer.state.log_history if "eval_reward" in h]
     assert len(evals) == 1
@@ -639,15 +834,33 @@ def test_evaluation_with_one_generation_logs_rewards_and_leaves_out_group_metric
 def lora_trainer(tmp_path, **overrides):
     peft = pytest.importorskip("peft")
     tok = build_tokenizer()
-    kwargs = dict(output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4,
-                  max_completion_length=6, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
-                  logging_steps=1, pacs_reference="fixed", pacs_ref_reset_steps=1, learning_rate=0.0,
-                  pacs_on_policy_fast_path=False)
+    kwargs = {
+        "output_dir": str(tmp_path),
+        "per_device_train_batch_size": 8,
+        "num_generations": 4,
+        "max_completion_length": 6,
+        "report_to": [],
+        "use_cpu": True,
+        "save_strategy": "no",
+        "disable_tqdm": True,
+        "logging_steps": 1,
+        "pacs_reference": "fixed",
+        "pacs_ref_reset_steps": 1,
+        "learning_rate": 0.0,
+        "pacs_on_policy_fast_path": False,
+    }
     kwargs.update(overrides)
-    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.5,
-                           init_lora_weights=False)
-    return PACSTrainer(model=build_model(tok), reward_funcs=every_third, args=PACSConfig(**kwargs),
-                       train_dataset=make_dataset(), processing_class=tok, peft_config=lora)
+    lora = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.5, init_lora_weights=False
+    )
+    return PACSTrainer(
+        model=build_model(tok),
+        reward_funcs=every_third,
+        args=PACSConfig(**kwargs),
+        train_dataset=make_dataset(),
+        processing_class=tok,
+        peft_config=lora,
+    )
 
 
 @pytest.mark.slow
@@ -664,8 +877,9 @@ def test_lora_dropout_leaves_psi_exactly_zero_right_after_a_reset(tmp_path):
 
 @pytest.mark.slow
 def test_reference_and_old_log_probs_have_no_dropout_even_when_the_policy_has(tmp_path):
-    trainer = lora_trainer(tmp_path, max_steps=1, disable_dropout=False, steps_per_generation=2,
-                           pacs_reference="old")
+    trainer = lora_trainer(
+        tmp_path, max_steps=1, disable_dropout=False, steps_per_generation=2, pacs_reference="old"
+    )
     trainer.train()  # steps_per_generation=2: TRL recomputes pi_old for the buffered micro-batches
     inputs = trainer._buffered_inputs[1]
     model = trainer.model
@@ -680,8 +894,10 @@ def test_reference_and_old_log_probs_have_no_dropout_even_when_the_policy_has(tm
     assert [m.training for m in model.modules()] == modes  # modes restored
     mask = inputs["completion_mask"].bool()
     assert torch.equal(first[mask], second[mask]) and torch.equal(first[mask], no_dropout[mask])
-    assert torch.allclose(inputs["old_per_token_logps"][mask], no_dropout[mask], atol=1e-5)  # TRL's pi_old too
-    noisy, _ = trainer._forward(model, inputs)  # with gradient (the policy's forward): dropout as configured, on
+    # TRL's pi_old too
+    assert torch.allclose(inputs["old_per_token_logps"][mask], no_dropout[mask], atol=1e-5)
+    # with gradient (the policy's forward): dropout as configured, on
+    noisy, _ = trainer._forward(model, inputs)
     assert (noisy.detach() - no_dropout)[mask].abs().max() > 1e-3
 
 
@@ -692,12 +908,25 @@ def build_moe(tok, seed=0):
     from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
     torch.manual_seed(seed)
-    config = Qwen2MoeConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
-                            shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
-                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                            max_position_embeddings=256, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                            bos_token_id=None, tie_word_embeddings=True, output_router_logits=True,
-                            router_aux_loss_coef=0.5)
+    config = Qwen2MoeConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=32,
+        num_experts=4,
+        num_experts_per_tok=2,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+        output_router_logits=True,
+        router_aux_loss_coef=0.5,
+    )
     return Qwen2MoeForCausalLM(config)
 
 
@@ -706,18 +935,35 @@ def test_moe_router_loss_gets_the_same_gradients_with_the_fast_path_on(tmp_path)
     """The router loss depends on every forwarded token: skipping groups would change its gradient (by 1e-2 against
     a scale of 0.56 here), so the fast path must not skip any."""
     tok = build_tokenizer()
-    args = PACSConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4,
-                      max_completion_length=8, max_steps=1, report_to=[], use_cpu=True, save_strategy="no",
-                      learning_rate=0.0, disable_tqdm=True, pacs_beta=0.5)
-    trainer = PACSTrainer(model=build_moe(tok), reward_funcs=first_group_mixed, args=args,
-                          train_dataset=make_dataset(), processing_class=tok)
+    args = PACSConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=8,
+        max_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        learning_rate=0.0,
+        disable_tqdm=True,
+        pacs_beta=0.5,
+    )
+    trainer = PACSTrainer(
+        model=build_moe(tok),
+        reward_funcs=first_group_mixed,
+        args=args,
+        train_dataset=make_dataset(),
+        processing_class=tok,
+    )
     assert trainer.aux_loss_enabled
     trainer.train()
     trainer.state.global_step = trainer._pacs_old_step
     inputs = trainer._buffered_inputs[0]
     labels = inputs["pacs_labels"].view(-1, 4)
     mixed = labels.min(1).values != labels.max(1).values
-    assert bool(mixed.any()) and not bool(mixed.all()), "the micro-batch needs one mixed and one uniform group"
+    assert bool(mixed.any()) and not bool(mixed.all()), (
+        "the micro-batch needs one mixed and one uniform group"
+    )
     trainer.model.train()
     trainer.args.pacs_on_policy_fast_path = True
     trainer._metrics["train"].clear()

@@ -67,13 +67,19 @@ def check_model(name: str, option: str) -> None:
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise UsageError(f"{option} {name}: the folder has no config.json, so it is not a model checkpoint "
-                             "(pass the folder save_pretrained wrote, e.g. a training run's output_dir)")
+            raise UsageError(
+                f"{option} {name}: the folder has no config.json, so it is not a model checkpoint "
+                "(pass the folder save_pretrained wrote, e.g. a training run's output_dir)"
+            )
         return
     if path.exists():
-        raise UsageError(f"{option} {name}: is a file; expected a checkpoint folder or a Hub id such as Qwen/Qwen2.5-0.5B")
+        raise UsageError(
+            f"{option} {name}: is a file; expected a checkpoint folder or a Hub id such as Qwen/Qwen2.5-0.5B"
+        )
     if not _HUB_ID.match(name) or name.startswith((".", "~")):
-        raise UsageError(f"{option} {name}: no such folder (a checkpoint folder or a Hub id such as Qwen/Qwen2.5-0.5B)")
+        raise UsageError(
+            f"{option} {name}: no such folder (a checkpoint folder or a Hub id such as Qwen/Qwen2.5-0.5B)"
+        )
     from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.constants import HF_HUB_OFFLINE
 
@@ -81,7 +87,9 @@ def check_model(name: str, option: str) -> None:
         return
     where = f"{option} {name}: no such folder here, and no Hub model of that name"
     if HF_HUB_OFFLINE:
-        raise UsageError(f"{where} in the local cache (HF_HUB_OFFLINE is set); check the path or download it first")
+        raise UsageError(
+            f"{where} in the local cache (HF_HUB_OFFLINE is set); check the path or download it first"
+        )
     from huggingface_hub import repo_exists
 
     try:
@@ -113,8 +121,13 @@ def _usage() -> str:
         "commands:",
     ]
     lines += [f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()]
-    lines += ["", "options:", "  -h, --help     show this message and exit", "  --version      print the version",
-              "  --debug        show the traceback of an error (also PACSRL_DEBUG=1)"]
+    lines += [
+        "",
+        "options:",
+        "  -h, --help     show this message and exit",
+        "  --version      print the version",
+        "  --debug        show the traceback of an error (also PACSRL_DEBUG=1)",
+    ]
     return "\n".join(lines)
 
 
@@ -140,8 +153,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"pacsrl: unknown command {name!r}{did_you_mean(name, COMMANDS)}; expected one of: "
-              f"{', '.join(COMMANDS)} (pacsrl --help)", file=sys.stderr)
+        print(
+            f"pacsrl: unknown command {name!r}{did_you_mean(name, COMMANDS)}; expected one of: "
+            f"{', '.join(COMMANDS)} (pacsrl --help)",
+            file=sys.stderr,
+        )
         return 2
     setup_logging()
     try:

@@ -33,16 +33,24 @@ from pacsrl.objective import Baseline, RewardForm, WeightMode
 # GRPO-only options and the only value PACS accepts (see the module docstring for why).
 _GRPO_ONLY: dict[str, tuple[Any, str]] = {
     "beta": (0.0, "the paper trains without a KL penalty; the implicit reward's scale is `pacs_beta`"),
-    "scale_rewards": ("group", "GRPO's advantages are not used; choose PACS's group centring with `pacs_baseline`"),
-    "importance_sampling_level": ("token", "PACS has no importance ratio; pi_old enters through the implicit reward"),
+    "scale_rewards": (
+        "group",
+        "GRPO's advantages are not used; choose PACS's group centring with `pacs_baseline`",
+    ),
+    "importance_sampling_level": (
+        "token",
+        "PACS has no importance ratio; pi_old enters through the implicit reward",
+    ),
     "epsilon": (0.2, "PACS does not clip a probability ratio"),
     "epsilon_high": (None, "PACS does not clip a probability ratio"),
     "delta": (None, "PACS does not clip a probability ratio"),
     "top_entropy_quantile": (1.0, "PACS sums the log-ratio over every completion token"),
     "mask_truncated_completions": (
         False,
-        "a masked completion would stay in its group with implicit reward 0; let the verifier score truncated "
-        "completions (no final answer scores 0)",
+        (
+            "a masked completion would stay in its group with implicit reward 0; let the verifier score truncated "
+            "completions (no final answer scores 0)"
+        ),
     ),
     "vllm_importance_sampling_correction": (
         False,
@@ -135,7 +143,9 @@ class PACSConfig(GRPOConfig):
     )
     pacs_ref_reset_steps: int = field(
         default=100,
-        metadata={"help": "With pacs_reference='fixed': optimizer steps between two hard resets of the reference."},
+        metadata={
+            "help": "With pacs_reference='fixed': optimizer steps between two hard resets of the reference."
+        },
     )
     pacs_label_threshold: float = field(
         default=1.0,
@@ -209,9 +219,13 @@ class PACSConfig(GRPOConfig):
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(map(repr, allowed))}")
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r} is not one of {', '.join(map(repr, allowed))}"
+                )
         if not (self.pacs_beta > 0 and self.pacs_beta < float("inf")):
-            raise ValueError(f"pacs_beta={self.pacs_beta} must be a positive finite number (the paper uses 1.0)")
+            raise ValueError(
+                f"pacs_beta={self.pacs_beta} must be a positive finite number (the paper uses 1.0)"
+            )
         if self.pacs_reference == "fixed" and self.pacs_ref_reset_steps < 1:
             raise ValueError(
                 f"pacs_ref_reset_steps={self.pacs_ref_reset_steps} must be >= 1 with pacs_reference='fixed'"

@@ -80,15 +80,20 @@ class FixedReference:
         # a second model of the same architecture (partitioned at construction under ZeRO-3, as TRL's own
         # reference), with the policy's dtypes, sharded like TRL's reference model, then given the policy's weights.
         # Under FSDP2 it is built on the meta device and materialised shard by shard.
-        fsdp_meta = (trainer.is_fsdp_enabled and not _fsdp_offloads(accelerator)
-                     and not getattr(accelerator.state.fsdp_plugin, "ignored_modules", None))
+        fsdp_meta = (
+            trainer.is_fsdp_enabled
+            and not _fsdp_offloads(accelerator)
+            and not getattr(accelerator.state.fsdp_plugin, "ignored_modules", None)
+        )
         with no_init_weights(), torch.device("meta") if fsdp_meta else contextlib.nullcontext():
             ref = AutoModelForCausalLM.from_config(copy.deepcopy(policy.config), dtype=_main_dtype(policy))
         ref.tie_weights()  # skipped along with the initialisation
         if trainer.args.cast_lm_head_to_fp32:
             _cast_lm_head_to_fp32(ref)  # as GRPOTrainer casts the policy and its own reference
         ref.requires_grad_(False).eval()
-        add_fused_lm_head(ref, temperature=trainer.temperature, cast_lm_head_to_fp32=trainer.args.cast_lm_head_to_fp32)
+        add_fused_lm_head(
+            ref, temperature=trainer.temperature, cast_lm_head_to_fp32=trainer.args.cast_lm_head_to_fp32
+        )
         if trainer.is_deepspeed_enabled:
             self.model = prepare_deepspeed(ref, accelerator)
         elif trainer.is_fsdp_enabled:
@@ -130,14 +135,18 @@ class FixedReference:
             return
         source = self.policy().active_adapter
         tensors = self.policy().state_dict(keep_vars=True)  # (FSDP2: the registered, sharded parameters)
-        copy_tensors((t, tensors[n.replace(f".{source}.", f".{self.adapter}.")]) for n, t in tensors.items()
-                     if f".{source}." in n)
+        copy_tensors(
+            (t, tensors[n.replace(f".{source}.", f".{self.adapter}.")])
+            for n, t in tensors.items()
+            if f".{source}." in n
+        )
 
     def reset(self) -> None:
         """Hard reset: pi_ref <- pi_theta, and the optimizer's moments and step counts cleared (paper v2)."""
         trainer = self.trainer
         self._copy_policy()
-        optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps the torch optimizer
+        # accelerate wraps the torch optimizer
+        optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
         optimizer.state.clear()
         self.version += 1
         self.step = trainer.state.global_step
@@ -190,8 +199,10 @@ class FixedReference:
         with open(path) as f:
             state = json.load(f)
         self.version, self.step = state["ref_version"], state["ref_step"]
-        weights = torch.load(os.path.join(checkpoint, WEIGHTS_FILE), map_location="cpu", weights_only=True,
-                             mmap=True)  # read tensor by tensor as they are loaded, not all at once
+        # read tensor by tensor as they are loaded, not all at once
+        weights = torch.load(
+            os.path.join(checkpoint, WEIGHTS_FILE), map_location="cpu", weights_only=True, mmap=True
+        )
         if self.adapter is not None:
             policy = self.policy()
             ours = [k for k in policy.state_dict(keep_vars=True) if f".{self.adapter}." in k]
@@ -200,7 +211,8 @@ class FixedReference:
             load_full_state_dict(policy, weights, strict=False)
         else:
             load_full_state_dict(self.module(), weights)
-            copy_buffers(self.policy(), self.module())  # buffers outside the state dict: never saved, empty on meta
+            # buffers outside the state dict: never saved, empty on meta
+            copy_buffers(self.policy(), self.module())
         self.pending = False
 
 

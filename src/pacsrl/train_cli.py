@@ -37,41 +37,61 @@ class TrainArguments:
 
     algorithm: str = field(
         default="pacs",
-        metadata={"help": "'pacs' (PACSTrainer), or a baseline on the same data, rewards and logging: 'grpo' (TRL's "
-                  "GRPOTrainer), 'rloo' (TRL's RLOOTrainer, beta=0 by default) or 'ppo' (pacsrl's PPOTrainer). A "
-                  "recipe's fields of another algorithm are ignored with a notice.",
-                  "choices": list(ALGORITHMS)},
+        metadata={
+            "help": "'pacs' (PACSTrainer), or a baseline on the same data, rewards and logging: 'grpo' (TRL's "
+            "GRPOTrainer), 'rloo' (TRL's RLOOTrainer, beta=0 by default) or 'ppo' (pacsrl's PPOTrainer). A "
+            "recipe's fields of another algorithm are ignored with a notice.",
+            "choices": list(ALGORITHMS),
+        },
     )
     train_dataset: str = field(
         default="deepscaler",
-        metadata={"help": "Training data: a preparer name (deepscaler, math500, amc23, aime24, aime25, gsm8k; "
-                  "loaded from the Hub), NAME=FILE (the source's own file, offline), a prepared parquet/jsonl "
-                  "(`pacsrl prepare`), or gym:TASK (a reasoning-gym task generated on the fly)."},
+        metadata={
+            "help": "Training data: a preparer name (deepscaler, math500, amc23, aime24, aime25, gsm8k; "
+            "loaded from the Hub), NAME=FILE (the source's own file, offline), a prepared parquet/jsonl "
+            "(`pacsrl prepare`), or gym:TASK (a reasoning-gym task generated on the fly)."
+        },
     )
-    train_split: str | None = field(default=None, metadata={"help": "Split of a hub dataset (preparer default)."})
-    train_limit: int | None = field(default=None, metadata={"help": "Use only the first N training problems."})
+    train_split: str | None = field(
+        default=None, metadata={"help": "Split of a hub dataset (preparer default)."}
+    )
+    train_limit: int | None = field(
+        default=None, metadata={"help": "Use only the first N training problems."}
+    )
     eval_dataset: str | None = field(
         default=None,
-        metadata={"help": "Optional evaluation data, same forms as train_dataset, comma-separated for several "
-                  "(e.g. 'math500,aime24': metrics per dataset); evaluated every eval_steps with TRL's evaluation "
-                  "loop (mean reward = pass@1 over num_generations_eval samples, and the PACS loss). For gym:TASK "
-                  "training data, 'heldout' uses the task's held-out problems."},
+        metadata={
+            "help": "Optional evaluation data, same forms as train_dataset, comma-separated for several "
+            "(e.g. 'math500,aime24': metrics per dataset); evaluated every eval_steps with TRL's evaluation "
+            "loop (mean reward = pass@1 over num_generations_eval samples, and the PACS loss). For gym:TASK "
+            "training data, 'heldout' uses the task's held-out problems."
+        },
     )
-    eval_limit: int | None = field(default=None, metadata={"help": "Use only the first N evaluation problems."})
+    eval_limit: int | None = field(
+        default=None, metadata={"help": "Use only the first N evaluation problems."}
+    )
     reward: str = field(
         default="auto",
-        metadata={"help": "Reward function: 'auto' (per row, by its source: a reasoning-gym row, from gym:TASK or "
-                  "a file `pacsrl prepare gym:TASK` wrote, is scored by its task's own scorer, any other row by "
-                  "math-verify), 'math' (math-verify on the last \\boxed{}) or 'gym' (the gym:TASK scorer).",
-                  "choices": ["auto", "math", "gym"]},
+        metadata={
+            "help": "Reward function: 'auto' (per row, by its source: a reasoning-gym row, from gym:TASK or "
+            "a file `pacsrl prepare gym:TASK` wrote, is scored by its task's own scorer, any other row by "
+            "math-verify), 'math' (math-verify on the last \\boxed{}) or 'gym' (the gym:TASK scorer).",
+            "choices": ["auto", "math", "gym"],
+        },
     )
     gym_config: dict | str | None = field(
         default=None,
-        metadata={"help": "gym:TASK: task options, a mapping in YAML (gym_config: {min_terms: 3, max_terms: 3}) or "
-                  "JSON on the command line (--gym_config '{\"min_terms\": 3}'); default: the task's defaults."},
+        metadata={
+            "help": "gym:TASK: task options, a mapping in YAML (gym_config: {min_terms: 3, max_terms: 3}) or "
+            "JSON on the command line (--gym_config '{\"min_terms\": 3}'); default: the task's defaults."
+        },
     )
-    gym_size: int = field(default=2000, metadata={"help": "gym:TASK: number of training problems to generate."})
-    gym_eval_size: int = field(default=200, metadata={"help": "gym:TASK: held-out problems (never in training)."})
+    gym_size: int = field(
+        default=2000, metadata={"help": "gym:TASK: number of training problems to generate."}
+    )
+    gym_eval_size: int = field(
+        default=200, metadata={"help": "gym:TASK: held-out problems (never in training)."}
+    )
     gym_seed: int = field(default=0, metadata={"help": "gym:TASK: seed of the problem generator."})
     verifier_timeout: float = field(default=5.0, metadata={"help": "Seconds allowed per math verification."})
 
@@ -82,8 +102,10 @@ class TrainArguments:
             try:
                 self.gym_config = json.loads(self.gym_config)
             except json.JSONDecodeError as err:
-                raise UsageError(f"gym_config {self.gym_config!r} is not valid JSON ({err.msg}); e.g. "
-                                 "--gym_config '{\"min_terms\": 3}'") from None
+                raise UsageError(
+                    f"gym_config {self.gym_config!r} is not valid JSON ({err.msg}); e.g. "
+                    "--gym_config '{\"min_terms\": 3}'"
+                ) from None
         if self.gym_config is not None and not isinstance(self.gym_config, dict):
             raise UsageError(f"gym_config must be a mapping of task options, got {self.gym_config!r}")
         if self.gym_config and not self.train_dataset.startswith("gym:"):
@@ -94,10 +116,27 @@ USAGE = "pacsrl train --config RECIPE.yaml [--field value ...]"
 
 # The TRL / transformers fields most recipes set, shown by --help after the data and PACS fields.
 COMMON_FIELDS = (
-    "model_name_or_path", "output_dir", "max_steps", "num_train_epochs", "learning_rate", "num_generations",
-    "per_device_train_batch_size", "gradient_accumulation_steps", "steps_per_generation", "max_completion_length",
-    "temperature", "use_cpu", "bf16", "dtype", "use_peft", "use_vllm", "logging_steps", "save_steps",
-    "report_to", "resume_from_checkpoint", "seed",
+    "model_name_or_path",
+    "output_dir",
+    "max_steps",
+    "num_train_epochs",
+    "learning_rate",
+    "num_generations",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "steps_per_generation",
+    "max_completion_length",
+    "temperature",
+    "use_cpu",
+    "bf16",
+    "dtype",
+    "use_peft",
+    "use_vllm",
+    "logging_steps",
+    "save_steps",
+    "report_to",
+    "resume_from_checkpoint",
+    "seed",
 )
 
 
@@ -131,13 +170,19 @@ def _pre_scan(argv: list[str]) -> tuple[str | None, str]:
             with open(known.config) as f:
                 recipe = yaml.safe_load(f)
         except OSError as err:
-            raise UsageError(f"--config {known.config}: {err.strerror} (pass a YAML recipe, e.g. "
-                             "recipes/tiny-demo-cpu.yaml)") from None
+            raise UsageError(
+                f"--config {known.config}: {err.strerror} (pass a YAML recipe, e.g. "
+                "recipes/tiny-demo-cpu.yaml)"
+            ) from None
         except yaml.YAMLError as err:
-            raise UsageError(f"--config {known.config} is not valid YAML: {str(err).splitlines()[0]}") from None
+            raise UsageError(
+                f"--config {known.config} is not valid YAML: {str(err).splitlines()[0]}"
+            ) from None
         if not isinstance(recipe, dict):
-            raise UsageError(f"--config {known.config}: expected a YAML mapping of field: value, got "
-                             f"{type(recipe).__name__}")
+            raise UsageError(
+                f"--config {known.config}: expected a YAML mapping of field: value, got "
+                f"{type(recipe).__name__}"
+            )
         algorithm = algorithm or recipe.get("algorithm")
     algorithm = algorithm or "pacs"
     if algorithm not in ALGORITHMS:
@@ -186,8 +231,11 @@ def parse_train_args(argv: list[str]):
     if unknown:
         raise UsageError(_unknown(unknown, names, f" in {config_path}"))
     if ignored:
-        logger.warning("--algorithm %s ignores the recipe's fields of other algorithms: %s", algorithm,
-                       ", ".join(sorted(ignored)))
+        logger.warning(
+            "--algorithm %s ignores the recipe's fields of other algorithms: %s",
+            algorithm,
+            ", ".join(sorted(ignored)),
+        )
     train_args, config, model_args = parsed
     train_args.algorithm = algorithm
     return train_args, config, model_args
@@ -197,8 +245,10 @@ def _refusal(err: ValueError) -> str:
     """A config's refusal as one or two lines; transformers' bf16-without-GPU check gets the fix spelled out."""
     text = str(err).strip()
     if "bf16" in text and "use_cpu" in text:
-        return ("bf16 needs a GPU (or an Intel XPU/NPU) and none is visible: set `use_cpu: true` in the recipe "
-                "(or --use_cpu true) to train on the CPU, or `bf16: false` for fp32 on this device")
+        return (
+            "bf16 needs a GPU (or an Intel XPU/NPU) and none is visible: set `use_cpu: true` in the recipe "
+            "(or --use_cpu true) to train on the CPU, or `bf16: false` for fp32 on this device"
+        )
     lines = [line for line in text.splitlines() if line.strip()]
     return " ".join(lines[:2]) if len(lines) <= 2 else f"{lines[0]} {lines[1]} ..."
 
@@ -226,22 +276,36 @@ def format_help(everything: bool = False, algorithm: str = "pacs") -> str:
 
     shown = [algorithm] + ([a for a in ALGORITHMS if a != algorithm] if everything else [])
     groups = [("data and rewards", [f.name for f in dataclasses.fields(TrainArguments)])]
-    groups += [(f"{name} fields (--algorithm {name}; other algorithms ignore them)", own(name))
-               for name in shown if own(name)]
+    groups += [
+        (f"{name} fields (--algorithm {name}; other algorithms ignore them)", own(name))
+        for name in shown
+        if own(name)
+    ]
     groups.append(("common training fields (TRL's GRPOConfig and ModelConfig)", list(COMMON_FIELDS)))
     if everything:
         groups += [
-            ("every other field of TRL's GRPOConfig (and transformers' TrainingArguments)",
-             sorted(grpo - set(COMMON_FIELDS))),
+            (
+                "every other field of TRL's GRPOConfig (and transformers' TrainingArguments)",
+                sorted(grpo - set(COMMON_FIELDS)),
+            ),
             ("every other field of TRL's ModelConfig", [n for n in model if n not in COMMON_FIELDS]),
         ]
     view = argparse.ArgumentParser(prog="pacsrl train", usage=USAGE, add_help=False)
     recipe = view.add_argument_group("recipe and help")
-    recipe.add_argument("--config", metavar="FILE", help="YAML recipe: field: value lines, as in recipes/*.yaml; "
-                        "fields given on the command line override it")
-    recipe.add_argument("-h", "--help", action="store_true", help="this help (with --algorithm NAME: its fields)")
-    recipe.add_argument("--help-all", action="store_true", help="also every other field: TRL's GRPOConfig and "
-                        "ModelConfig, and the other algorithms' own fields")
+    recipe.add_argument(
+        "--config",
+        metavar="FILE",
+        help="YAML recipe: field: value lines, as in recipes/*.yaml; "
+        "fields given on the command line override it",
+    )
+    recipe.add_argument(
+        "-h", "--help", action="store_true", help="this help (with --algorithm NAME: its fields)"
+    )
+    recipe.add_argument(
+        "--help-all",
+        action="store_true",
+        help="also every other field: TRL's GRPOConfig and ModelConfig, and the other algorithms' own fields",
+    )
     done: set[str] = set()
     for title, dests in groups:
         group = view.add_argument_group(title)
@@ -263,13 +327,20 @@ def _load_data(train_args: TrainArguments):
         from pacsrl.data.gym import make_gym_splits
 
         task = spec.split(":", 1)[1]
-        train, held_out = make_gym_splits(task, train_args.gym_size, train_args.gym_eval_size, train_args.gym_seed,
-                                          config=train_args.gym_config)
+        train, held_out = make_gym_splits(
+            task,
+            train_args.gym_size,
+            train_args.gym_eval_size,
+            train_args.gym_seed,
+            config=train_args.gym_config,
+        )
         eval_ds = held_out if train_args.eval_dataset in (None, "heldout") else None
     else:
         if train_args.train_split is not None:
             name, _, path = spec.partition("=")
-            train = prepare_dataset(name, path or None, split=train_args.train_split, limit=train_args.train_limit)
+            train = prepare_dataset(
+                name, path or None, split=train_args.train_split, limit=train_args.train_limit
+            )
         else:
             train = resolve_dataset(spec, limit=train_args.train_limit)
         eval_ds = None
@@ -295,8 +366,10 @@ def _reward_funcs(train_args: TrainArguments):
     kind, spec = train_args.reward, train_args.train_dataset
     if kind == "gym" or (kind == "auto" and spec.startswith("gym:")):
         if not spec.startswith("gym:"):
-            raise UsageError(f"reward='gym' needs train_dataset=gym:TASK, got {spec!r}; use reward: auto to score a "
-                             "prepared reasoning-gym file by its rows' tasks")
+            raise UsageError(
+                f"reward='gym' needs train_dataset=gym:TASK, got {spec!r}; use reward: auto to score a "
+                "prepared reasoning-gym file by its rows' tasks"
+            )
         from pacsrl.rewards.gym import make_gym_reward
 
         reward = make_gym_reward(spec.split(":", 1)[1])
@@ -305,8 +378,10 @@ def _reward_funcs(train_args: TrainArguments):
         from pacsrl.rewards.auto import make_auto_reward
 
         reward = make_auto_reward(timeout=train_args.verifier_timeout)
-        logger.info("reward: auto, per row by its source: reasoning-gym rows by their task's scorer, others by "
-                    "math-verify")
+        logger.info(
+            "reward: auto, per row by its source: reasoning-gym rows by their task's scorer, others by "
+            "math-verify"
+        )
     else:
         from pacsrl.rewards import make_math_reward
 
@@ -344,7 +419,9 @@ class GroupSignalWatch:
             logger.warning(
                 "a whole rollout had no group with both right and wrong answers (all rewards %s): nothing can be "
                 "learned from it; if this goes on (metric rollout/no_mixed_group), make the task easier (gym_config) "
-                "or start from a stronger model", sorted({s for v in groups.values() for s in v}))
+                "or start from a stronger model",
+                sorted({s for v in groups.values() for s in v}),
+            )
         return scores
 
 
@@ -361,18 +438,26 @@ def main(argv: list[str] | None = None) -> int:
         print(format_help(everything="--help-all" in argv, algorithm=_pre_scan(argv)[1]))
         return 0
     if "--config" not in argv and not any(a.startswith("--model_name_or_path") for a in argv):
-        raise UsageError("no recipe: pass --config RECIPE.yaml (e.g. recipes/tiny-demo-cpu.yaml runs on a CPU in "
-                         "minutes), or the fields on the command line; pacsrl train --help lists them")
+        raise UsageError(
+            "no recipe: pass --config RECIPE.yaml (e.g. recipes/tiny-demo-cpu.yaml runs on a CPU in "
+            "minutes), or the fields on the command line; pacsrl train --help lists them"
+        )
     train_args, config, model_args = parse_train_args(argv)
     if model_args.model_name_or_path is None:
-        raise UsageError("set model_name_or_path (a local checkpoint folder or a Hub id) in the recipe or with "
-                         "--model_name_or_path")
+        raise UsageError(
+            "set model_name_or_path (a local checkpoint folder or a Hub id) in the recipe or with "
+            "--model_name_or_path"
+        )
     check_model(model_args.model_name_or_path, "model_name_or_path")
-    if config.eval_strategy != "no" and train_args.eval_dataset is None and not train_args.train_dataset.startswith(
-        "gym:"
+    if (
+        config.eval_strategy != "no"
+        and train_args.eval_dataset is None
+        and not train_args.train_dataset.startswith("gym:")
     ):
-        raise UsageError(f"eval_strategy={config.eval_strategy} but no eval_dataset: set eval_dataset (e.g. math500) "
-                         "or eval_strategy: 'no'")
+        raise UsageError(
+            f"eval_strategy={config.eval_strategy} but no eval_dataset: set eval_dataset (e.g. math500) "
+            "or eval_strategy: 'no'"
+        )
     reward_funcs = _reward_funcs(train_args)
 
     from trl import get_peft_config
@@ -393,8 +478,13 @@ def main(argv: list[str] | None = None) -> int:
     if eval_ds is None and config.eval_strategy != "no":
         raise UsageError("eval_strategy is set but no eval_dataset was given")
     trainer_cls = trainer_class(train_args.algorithm)
-    logger.info("training %s with %s on %d prompts (%s)", model_args.model_name_or_path, trainer_cls.__name__,
-                len(train_ds), train_args.train_dataset)
+    logger.info(
+        "training %s with %s on %d prompts (%s)",
+        model_args.model_name_or_path,
+        trainer_cls.__name__,
+        len(train_ds),
+        train_args.train_dataset,
+    )
     existed = os.path.exists(config.output_dir)
     try:
         try:
@@ -408,19 +498,27 @@ def main(argv: list[str] | None = None) -> int:
             )
         except OSError as err:  # the model or its tokenizer could not be loaded
             first = (str(err).strip() or type(err).__name__).splitlines()[0]
-            raise UsageError(f"cannot load model_name_or_path {model_args.model_name_or_path}: {first}") from err
+            raise UsageError(
+                f"cannot load model_name_or_path {model_args.model_name_or_path}: {first}"
+            ) from err
         if trainer.accelerator.is_main_process:
             accelerator = trainer.accelerator
-            logger.info("%d process(es), %s, on %s", accelerator.num_processes, _distributed_type(accelerator),
-                        accelerator.device.type)
+            logger.info(
+                "%d process(es), %s, on %s",
+                accelerator.num_processes,
+                _distributed_type(accelerator),
+                accelerator.device.type,
+            )
         resume = config.resume_from_checkpoint
         if resume in ("true", "True", "last"):
             from transformers.trainer_utils import get_last_checkpoint
 
             resume = get_last_checkpoint(config.output_dir) if os.path.isdir(config.output_dir) else None
             if resume is None:
-                raise UsageError(f"resume_from_checkpoint={config.resume_from_checkpoint}: no checkpoint in "
-                                 f"{config.output_dir} yet; drop the option to start a new run")
+                raise UsageError(
+                    f"resume_from_checkpoint={config.resume_from_checkpoint}: no checkpoint in "
+                    f"{config.output_dir} yet; drop the option to start a new run"
+                )
         trainer.train(resume_from_checkpoint=resume)
     except BaseException:  # a failed or interrupted run leaves no empty output folder behind
         remove_if_empty(config.output_dir, existed)

@@ -12,7 +12,7 @@ import logging
 import math
 import os
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from trl import GRPOTrainer
@@ -36,11 +36,21 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # keys of a GRPO batch that hold per-sample images; the fast path does not subset rows when present
-_MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
-                    "num_images", "num_tiles", "image_position_ids")
+_MULTIMODAL_KEYS = (
+    "pixel_values",
+    "image_grid_thw",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "image_sizes",
+    "num_images",
+    "num_tiles",
+    "image_position_ids",
+)
 
 
-def labels_from_rewards(rewards_per_func: torch.Tensor, weights: torch.Tensor, threshold: float) -> torch.Tensor:
+def labels_from_rewards(
+    rewards_per_func: torch.Tensor, weights: torch.Tensor, threshold: float
+) -> torch.Tensor:
     """0/1 labels from the rewards of K reward functions, shape (N,).
 
     ``label = 1`` iff ``sum_k w_k r_k / sum_k w_k >= threshold`` over the functions that scored the completion
@@ -59,7 +69,8 @@ def labels_from_rewards(rewards_per_func: torch.Tensor, weights: torch.Tensor, t
             "function, or make it a verifier that returns 1.0 for correct and 0.0 for wrong."
         )
     scored = ~torch.isnan(rewards_per_func)  # (N, K)
-    w = weights.to(rewards_per_func.device, rewards_per_func.dtype).expand_as(rewards_per_func) * scored  # (N, K)
+    w = weights.to(rewards_per_func.device, rewards_per_func.dtype)  # (K,)
+    w = w.expand_as(rewards_per_func) * scored  # (N, K)
     total = torch.nan_to_num(rewards_per_func, nan=0.0).mul(w).sum(dim=1)  # (N,)
     norm = w.sum(dim=1)  # (N,)
     mean = torch.where(norm > 0, total / norm.clamp(min=1e-12), torch.zeros_like(total))  # (N,)
@@ -111,7 +122,7 @@ class PACSTrainer(GRPOTrainer):
     skipping groups would change its gradient.
     """
 
-    _tag_names = ["trl", "pacs"]
+    _tag_names: ClassVar[list[str]] = ["trl", "pacs"]
     _name = "PACS"
 
     def __init__(
@@ -140,10 +151,20 @@ class PACSTrainer(GRPOTrainer):
                 "GRPOConfig field plus the pacs_* fields"
             )
         super().__init__(
-            model, reward_funcs, args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-            processing_class=processing_class, reward_processing_classes=reward_processing_classes,
-            callbacks=callbacks, optimizers=optimizers, quantization_config=quantization_config,
-            peft_config=peft_config, tools=tools, rollout_func=rollout_func, environment_factory=environment_factory,
+            model,
+            reward_funcs,
+            args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            reward_processing_classes=reward_processing_classes,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+            tools=tools,
+            rollout_func=rollout_func,
+            environment_factory=environment_factory,
         )
         self._pacs_rewards_per_func: torch.Tensor | None = None  # (N_all, K) of the last rollout
         self._pacs_generation = 0  # rollouts so far, part of the group ids
@@ -154,8 +175,10 @@ class PACSTrainer(GRPOTrainer):
             self.fixed_reference = FixedReference(self)
             self.add_callback(ResetCallback(self.fixed_reference))
         if args.pacs_on_policy_fast_path and self.aux_loss_enabled:
-            logger.info("PACS on-policy fast path off: the model's MoE router loss is trained, and it depends on "
-                        "every token, so no group can be skipped")
+            logger.info(
+                "PACS on-policy fast path off: the model's MoE router loss is trained, and it depends on "
+                "every token, so no group can be skipped"
+            )
 
     # ------------------------------------------------------------------------------------------------
     # rollouts: labels and group ids
@@ -182,7 +205,9 @@ class PACSTrainer(GRPOTrainer):
 
         device = self.accelerator.device
         weights = self.reward_weights.to(device)
-        all_labels = labels_from_rewards(self._pacs_rewards_per_func.float(), weights, self.args.pacs_label_threshold)
+        all_labels = labels_from_rewards(
+            self._pacs_rewards_per_func.float(), weights, self.args.pacs_label_threshold
+        )
         rank = self.accelerator.process_index
         output["pacs_labels"] = all_labels[rank * n_local : (rank + 1) * n_local]  # (N_local,)
         # a unique id per group: rank, generation counter and position make it unique across processes and batches
@@ -222,15 +247,29 @@ class PACSTrainer(GRPOTrainer):
             return self.state.global_step == self._pacs_old_step
         return self.state.global_step == self.fixed_reference.step
 
-    def _forward(self, model, inputs: dict[str, Any], rows: torch.Tensor | None = None, compute_entropy: bool = True):
+    def _forward(
+        self, model, inputs: dict[str, Any], rows: torch.Tensor | None = None, compute_entropy: bool = True
+    ):
         """Per-token log-probs (N, T) and entropies of the completions, for all rows or only ``rows``."""
         prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-        extra = {k: inputs.get(k) for k in ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask",
-                                            "spatial_shapes", "num_tiles", "image_sizes", "token_type_ids",
-                                            "mm_token_type_ids", "image_position_ids")}
+        extra = {
+            k: inputs.get(k)
+            for k in (
+                "pixel_values",
+                "image_grid_thw",
+                "num_images",
+                "pixel_attention_mask",
+                "spatial_shapes",
+                "num_tiles",
+                "image_sizes",
+                "token_type_ids",
+                "mm_token_type_ids",
+                "image_position_ids",
+            )
+        }
         if rows is not None:
             input_ids, attention_mask = input_ids[rows], attention_mask[rows]
             for k in ("token_type_ids", "mm_token_type_ids"):
@@ -238,8 +277,13 @@ class PACSTrainer(GRPOTrainer):
                     extra[k] = extra[k][rows]
         aux = compute_entropy and self.aux_loss_enabled  # the policy's MoE router loss, as in GRPOTrainer
         logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
-            model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=compute_entropy,
-            compute_aux_loss=aux, **extra
+            model,
+            input_ids,
+            attention_mask,
+            completion_ids.size(1),
+            compute_entropy=compute_entropy,
+            compute_aux_loss=aux,
+            **extra,
         )
         if compute_entropy:  # the policy's forward (the reference's must not overwrite it)
             self._pacs_aux_loss = aux_loss
@@ -268,20 +312,28 @@ class PACSTrainer(GRPOTrainer):
             self._log_entropy(mode, "entropy", entropies, mask)
             return torch.zeros((), device=labels.device)
         _check_whole_groups(inputs["pacs_group_ids"], G)
-        loss_kwargs = dict(beta=args.pacs_beta, baseline=args.pacs_baseline, weight_mode=args.pacs_weight_mode)
+        loss_kwargs = {
+            "beta": args.pacs_beta,
+            "baseline": args.pacs_baseline,
+            "weight_mode": args.pacs_weight_mode,
+        }
 
         on_policy = mode == "train" and self._is_on_policy()
         skipped = 0
-        weight_sum = class_weights(labels, G, args.pacs_weight_mode).sum()  # for the on-policy value and the metrics
+        # for the on-policy value and the metrics
+        weight_sum = class_weights(labels, G, args.pacs_weight_mode).sum()
         # (a trained MoE router loss depends on every forwarded token: no group may be skipped then)
         if on_policy and args.pacs_on_policy_fast_path and not self.aux_loss_enabled:
-            adv = on_policy_advantage(labels, G, baseline=args.pacs_baseline, weight_mode=args.pacs_weight_mode)
+            adv = on_policy_advantage(
+                labels, G, baseline=args.pacs_baseline, weight_mode=args.pacs_weight_mode
+            )
             keep_group = adv.view(-1, G).ne(0).any(dim=1)  # (B,)
             if any(inputs.get(k) is not None for k in _MULTIMODAL_KEYS):
                 keep_group = torch.ones_like(keep_group)  # image tensors are not row-aligned: no subsetting
             skipped = int((~keep_group).sum())
             placeholder = not bool(keep_group.any())
-            if placeholder:  # still forward/backward one group with weight 0: every process must join the sync
+            # still forward/backward one group with weight 0: every process must join the sync
+            if placeholder:
                 keep_group[0] = True
             rows = keep_group.repeat_interleave(G).nonzero(as_tuple=True)[0]  # (N',)
             logps, entropies = self._forward(model, inputs, rows)  # (N', T)
@@ -301,19 +353,26 @@ class PACSTrainer(GRPOTrainer):
             loss = pacs_loss(logps, ref, mask, labels, G, reward_form=args.pacs_reward_form, **loss_kwargs)
             loss_value = loss.detach()
             with torch.no_grad():
-                rewards = implicit_reward(logps, ref, mask, beta=args.pacs_beta, reward_form=args.pacs_reward_form)
+                rewards = implicit_reward(
+                    logps, ref, mask, beta=args.pacs_beta, reward_form=args.pacs_reward_form
+                )
                 psi = group_centre(rewards, G, args.pacs_baseline)
             ent_mask = mask
         if self.aux_loss_enabled and self._pacs_aux_loss is not None:  # MoE load balancing, as in GRPOTrainer
             loss = loss + self.router_aux_loss_coef * self._pacs_aux_loss
-            self._metrics[mode]["aux_loss"].append(self.accelerator.gather(self._pacs_aux_loss.detach()).mean().item())
+            self._metrics[mode]["aux_loss"].append(
+                self.accelerator.gather(self._pacs_aux_loss.detach()).mean().item()
+            )
         if mode == "train":
             loss = loss / self.current_gradient_accumulation_steps  # TRL turns off HF's own loss scaling
-        self._log_pacs_metrics(mode, loss_value, labels, rewards, psi, weight_sum, entropies, ent_mask, skipped, N,
-                               on_policy)
+        self._log_pacs_metrics(
+            mode, loss_value, labels, rewards, psi, weight_sum, entropies, ent_mask, skipped, N, on_policy
+        )
         return loss
 
-    def _reference_logps(self, inputs: dict[str, Any], logps: torch.Tensor, on_policy: bool) -> torch.Tensor | None:
+    def _reference_logps(
+        self, inputs: dict[str, Any], logps: torch.Tensor, on_policy: bool
+    ) -> torch.Tensor | None:
         """(N, T) log-probs of pi_ref for this micro-batch (None for the reference-free form)."""
         args = self.args
         if args.pacs_reward_form == "mean_logp":
@@ -333,18 +392,24 @@ class PACSTrainer(GRPOTrainer):
             )
         return self.fixed_reference.logps(inputs, self._forward)  # once per micro-batch and reference version
 
-    def _log_pacs_metrics(self, mode, loss_value, labels, rewards, psi, weight_sum, entropies, ent_mask, skipped, N,
-                          on_policy):
+    def _log_pacs_metrics(
+        self, mode, loss_value, labels, rewards, psi, weight_sum, entropies, ent_mask, skipped, N, on_policy
+    ):
         device = labels.device
         acc = self.accelerator
         self._metrics[mode]["pacs/loss"].append(acc.gather(loss_value.detach().reshape(1)).mean().item())
         # sums reduced across processes, then moments
-        local = torch.stack([
-            torch.tensor(float(N), device=device),
-            rewards.sum(), (rewards ** 2).sum(), psi.sum(), (psi ** 2).sum(),
-            weight_sum,
-            torch.tensor(float(skipped), device=device),
-        ]).float()
+        local = torch.stack(
+            [
+                torch.tensor(float(N), device=device),
+                rewards.sum(),
+                (rewards**2).sum(),
+                psi.sum(),
+                (psi**2).sum(),
+                weight_sum,
+                torch.tensor(float(skipped), device=device),
+            ]
+        ).float()
         n, r1, r2, p1, p2, wsum, skip = acc.reduce(local, reduction="sum").tolist()
         self._metrics[mode]["pacs/implicit_reward/mean"].append(r1 / n)
         self._metrics[mode]["pacs/implicit_reward/std"].append(math.sqrt(max(r2 / n - (r1 / n) ** 2, 0.0)))
@@ -361,20 +426,22 @@ class PACSTrainer(GRPOTrainer):
             prob = torch.sigmoid(psi.float())
             correct = ((prob > 0.5).float() == labels.float()).float().sum()
             brier = ((prob - labels.float()) ** 2).sum()
-            c, b, m = acc.reduce(torch.stack([correct, brier, torch.tensor(float(N), device=device)]),
-                                 reduction="sum").tolist()
+            c, b, m = acc.reduce(
+                torch.stack([correct, brier, torch.tensor(float(N), device=device)]), reduction="sum"
+            ).tolist()
             self._metrics[mode]["pacs/critic_accuracy"].append(c / m)
             self._metrics[mode]["pacs/critic_brier"].append(b / m)
         # when the fast path skipped groups, only the forwarded (mixed-label) groups have an entropy: that is
         # logged under its own name so TRL's `entropy` always covers every completion it reports on
-        self._log_entropy(mode, "pacs/entropy_forwarded_groups" if skip > 0 else "entropy", entropies, ent_mask)
+        self._log_entropy(
+            mode, "pacs/entropy_forwarded_groups" if skip > 0 else "entropy", entropies, ent_mask
+        )
 
     def _log_entropy(self, mode: str, key: str, entropies: torch.Tensor | None, mask: torch.Tensor) -> None:
         if entropies is not None:
             ent = torch.stack([(entropies * mask).sum(), mask.sum()]).float()
             e_sum, e_cnt = self.accelerator.reduce(ent, reduction="sum").tolist()
             self._metrics[mode][key].append(e_sum / max(e_cnt, 1.0))
-
 
     # ------------------------------------------------------------------------------------------------
     # checkpoints: the fixed reference and its reset counter
