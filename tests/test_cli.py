@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -54,6 +55,10 @@ def test_train_unknown_fields_get_did_you_mean(tmp_path, capsys):
     recipe = _recipe(tmp_path)
     _fails_in_two_lines(
         ["train", "--config", recipe, "--lerning_rate", "1e-5"], capsys, "did you mean learning_rate"
+    )
+    # a value argparse cannot read: its one-line message, not the 1,000-line usage
+    _fails_in_two_lines(
+        ["train", "--config", recipe, "--pacs_beta", "abc"], capsys, "invalid float value: 'abc'"
     )
 
 
@@ -346,3 +351,68 @@ def test_prepare_gym_seed_defaults_to_zero(tmp_path):
     assert pacsrl.cli.main([*base, "--seed", "1", "--output", str(tmp_path / "c.parquet")]) == 0
     a, b, c = (datasets.Dataset.from_parquet(str(tmp_path / f"{x}.parquet"))["question"] for x in "abc")
     assert a == b and a != c
+
+
+# --------------------------------------------------------------------------------------------------
+# Small things: the demo's threads and settings, plots
+
+
+@pytest.mark.parametrize(
+    ("wanted", "cpus", "load", "expected"),
+    [
+        (2, 2, 0.1, 2),  # idle 2-core machine: 2 - 0.1 = 1.9 free, rounds to 2
+        (2, 2, 0.6, 1),  # 1.4 free: 1
+        (2, 2, 13.9, 1),  # a busy machine: never fewer than 1
+        (2, 16, 3.0, 2),  # plenty free: what was asked
+        (8, 16, 9.4, 7),  # 6.6 free, rounds to 7
+    ],
+)
+def test_fit_threads_hand_values(wanted, cpus, load, expected):
+    from pacsrl.demo.config import fit_threads
+
+    assert fit_threads(wanted, cpus, load) == expected
+
+
+def test_cli_makes_idle_openmp_threads_sleep(monkeypatch, capsys):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert pacsrl.cli.main(["objective"]) == 0
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's choice is kept
+    assert pacsrl.cli.main(["objective"]) == 0
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+def test_demo_method_records_the_settings_it_trains_with():
+    from pacsrl.demo.config import DemoConfig, Method
+
+    config = DemoConfig(pacs_beta=0.5, pacs_weight_mode="none")
+    assert Method.of("pacs").resolved(config) == Method("PACS", "pacs", 0.5, "none")
+    assert Method.parse("pacs@2").resolved(config).pacs_beta == 2.0  # a method's own beta wins
+    assert Method.of("grpo").resolved(config) == Method.of("grpo")  # GRPO uses neither
+
+
+def test_demo_curves_have_whole_step_ticks(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from pacsrl.demo.report import plot_curves
+
+    figures = []
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: figures.append(self))
+    history = [{"step": s, "reward": 0.1 * s, "entropy": 0.5} for s in range(1, 7)]  # a --quick run: 6 steps
+    method = {"settings": {"name": "PACS"}, "log_history": history, "curve": [{"step": 0, "pass@1": 0.2}]}
+    plot_curves({"methods": {"pacs": method}}, tmp_path)
+    ticks = [t for fig in figures for t in fig.axes[0].get_xticks() if 1 <= t <= 6]
+    assert ticks and all(float(t).is_integer() for t in ticks), ticks
+
+
+def test_pass_at_k_plot_starts_at_zero_with_short_names():
+    from pacsrl.eval.metrics import compute_metrics
+    from pacsrl.eval.report import plot_pass_at_k
+
+    records = [
+        {"source": "a", "scores": [1.0, 1.0, 0.0, 1.0]},
+        {"source": "a", "scores": [1.0, 1.0, 1.0, 0.0]},
+    ]
+    fig = plot_pass_at_k([("/ckpt/runs/pacs-final/", compute_metrics(records))])
+    assert fig.axes[0].get_ylim()[0] == 0  # pass@k is 75-100 here: auto-scaling would start near 75
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["pacs-final"]

@@ -167,6 +167,10 @@ def test_quick_demo_writes_a_complete_report(tmp_path):
 
     metrics = json.loads((out / METRICS_FILE).read_text())
     assert metrics["finished"] is True
+    # the settings each method trained with, not the Method's "take the DemoConfig's" None
+    assert metrics["methods"]["pacs"]["settings"]["pacs_beta"] == metrics["settings"]["pacs_beta"] == 1.0
+    assert metrics["methods"]["pacs"]["settings"]["pacs_weight_mode"] == "question"
+    assert metrics["settings"]["threads"] in (1, 2)  # the count used (default: fit to the free cores)
     k = metrics["settings"]["eval_samples"]
     numbers = [metrics["base"]["eval"]["all"]["pass@1"], metrics["base"]["eval"]["all"][f"pass@{k}"]]
     assert set(metrics["methods"]) == {"pacs", "grpo"}

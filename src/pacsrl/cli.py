@@ -160,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     setup_logging()
+    # Idle OpenMP threads sleep instead of spinning: on a busy machine a spinning torch thread takes the core
+    # that another torch thread waits for, and CPU steps slow down many times more than the load explains.
+    # Set before torch is imported (the OpenMP runtime reads it once); a value the user set is kept.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         module = importlib.import_module(COMMANDS[name][0])
         return int(module.main(rest) or 0)

@@ -1,7 +1,7 @@
 """``pacsrl demo``: PACS vs GRPO from the shipped warm-started tiny model, offline, on a laptop CPU, in minutes.
 
-    pacsrl demo                       # about 6 minutes on 2 CPU threads: base, PACS and GRPO, a report folder
-    pacsrl demo --quick               # about 15 s: a smoke test of the whole pipeline
+    pacsrl demo                       # minutes on an idle 2-core machine (README): base, PACS, GRPO, a report folder
+    pacsrl demo --quick               # a smoke test of the whole pipeline (far slower on a busy machine: README)
     pacsrl demo --algorithms pacs,grpo,rloo,ppo    # the baselines too: TRL's RLOO, pacsrl's PPO (with a critic)
     pacsrl demo --algorithms pacs --steps 100 --lr 5e-4 --output runs/my-demo
     pacsrl demo --model ./my-chat-checkpoint --task chain_sum
@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="smoke-test size (about 15 s on 2 CPU threads): 6 steps, 32 eval problems",
+        help="smoke-test size: 6 steps, 32 eval problems",
     )
     parser.add_argument(
         "--output", type=Path, default=None, help="report folder (default: runs/demo-<timestamp>)"

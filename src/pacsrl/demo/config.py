@@ -3,8 +3,10 @@ and ``Method`` (one contender: an algorithm and the settings that distinguish it
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +16,13 @@ from pacsrl.demo import DEMO_TASK, DEMO_TASK_CONFIG
 
 DEFAULT_ALGORITHMS: tuple[str, ...] = ("pacs", "grpo")
 _METHOD_SPEC = re.compile(r"(grpo|rloo|ppo|pacs|pacs-noweight)(?:@([0-9]*\.?[0-9]+(?:e-?[0-9]+)?))?")
+
+
+def fit_threads(wanted: int, cpus: int, load: float) -> int:
+    """At most ``wanted`` torch threads, and no more than the ``cpus`` that a 1-minute ``load`` average leaves free
+    (at least 1). An intra-op thread that waits for a core holds up the others at every step (the demo's steps are
+    many small operations), so on a busy machine fewer threads finish sooner."""
+    return max(1, min(wanted, math.floor(cpus - load + 0.5)))
 
 
 @dataclass
@@ -118,7 +127,13 @@ class DemoConfig:
     seed: int = field(
         default=0, metadata={"help": "Seed of training (prompt order, sampling) and evaluation."}
     )
-    threads: int = field(default=2, metadata={"help": "torch CPU threads."})
+    threads: int | None = field(
+        default=None,
+        metadata={
+            "help": "torch CPU threads. Default: 2, or fewer on a busy machine (the cores the 1-minute load "
+            "average leaves free, at least 1): threads that wait for a busy core slow every step."
+        },
+    )
     save_models: bool = field(
         default=False, metadata={"help": "Also save each trained model under the report."}
     )
@@ -146,7 +161,7 @@ class DemoConfig:
             "threads",
         )
         for name in positive:
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.num_generations < 2:
             raise ValueError(
@@ -166,7 +181,7 @@ class DemoConfig:
 
     @classmethod
     def quick(cls, **overrides: Any) -> DemoConfig:
-        """A smoke-test sized demo (about 15 s on 2 CPU threads); ``overrides`` win."""
+        """A smoke-test sized demo (seconds on an idle machine; see the README); ``overrides`` win."""
         settings: dict[str, Any] = {
             "steps": 6,
             "prompts_per_step": 8,
@@ -177,6 +192,12 @@ class DemoConfig:
             "curve_samples": 2,
         }
         return cls(**{**settings, **overrides})
+
+    def resolved_threads(self) -> int:
+        """``threads``, or when unset the default for this machine now (:func:`fit_threads`)."""
+        if self.threads is not None:
+            return self.threads
+        return fit_threads(2, os.cpu_count() or 1, os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0)
 
     def resolved_task_config(self) -> dict[str, Any]:
         if self.task_config is not None:
@@ -201,6 +222,17 @@ class Method:
             raise ValueError(
                 f"method {self.name!r}: algorithm {self.algorithm!r} is not one of {list(ALGORITHMS)}"
             )
+
+    def resolved(self, config: DemoConfig) -> Method:
+        """This method with the settings it trains with: for PACS, the ``DemoConfig``'s beta and weight mode
+        where it sets none (so that ``metrics.json`` records what was used)."""
+        if self.algorithm != "pacs":
+            return self
+        return dataclasses.replace(
+            self,
+            pacs_beta=self.pacs_beta if self.pacs_beta is not None else config.pacs_beta,
+            pacs_weight_mode=self.pacs_weight_mode or config.pacs_weight_mode,
+        )
 
     @classmethod
     def of(cls, algorithm: str) -> Method:

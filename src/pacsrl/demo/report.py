@@ -107,6 +107,7 @@ def _series(method: dict[str, Any], key: str) -> tuple[list[float], list[float]]
 def plot_curves(report: dict[str, Any], output_dir: Path) -> dict[str, Path]:
     """One PNG per training curve (reward, held-out pass@1, entropy), a line per method; returns the paths."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     labels = {
         "reward": "mean training reward",
@@ -132,6 +133,7 @@ def plot_curves(report: dict[str, Any], output_dir: Path) -> dict[str, Path]:
             ax.axhline(
                 100 * report["base"]["curve_pass@1"], color="grey", linestyle="--", linewidth=1, label="base"
             )
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole: no 2.5 on a short run
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(labels[key])
         ax.grid(True, alpha=0.3)

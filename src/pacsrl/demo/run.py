@@ -21,6 +21,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import time
 from datetime import datetime
 from pathlib import Path
@@ -57,6 +58,10 @@ def run_demo(config: DemoConfig, output_dir: str | Path | None = None) -> dict[s
     Returns the content of ``metrics.json`` (with ``output_dir`` added). ``metrics.json`` is rewritten after
     every evaluation, so an interrupted demo keeps every result it reached.
     """
+    if config.threads is None:  # fixed once, so that every phase and metrics.json use the same count
+        config = dataclasses.replace(config, threads=config.resolved_threads())
+        logger.info("torch threads: %d (%d cores, 1-minute load %.1f; set --threads to choose)", config.threads,
+                    os.cpu_count() or 1, os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0)
     torch.set_num_threads(config.threads)
     output_dir = Path(output_dir) if output_dir is not None else default_output_dir()
     output_dir.mkdir(parents=True, exist_ok=True)

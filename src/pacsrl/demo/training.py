@@ -157,9 +157,9 @@ def train_and_evaluate(
     """
     from pacsrl.algorithms import trainer_class
 
-    torch.set_num_threads(config.threads)
+    torch.set_num_threads(config.resolved_threads())
     model, tokenizer = load_policy(config.model)
-    result = MethodResult(method)
+    result = MethodResult(method.resolved(config))
 
     def update() -> None:
         if on_update is not None:
