@@ -60,8 +60,12 @@ def run_demo(config: DemoConfig, output_dir: str | Path | None = None) -> dict[s
     """
     if config.threads is None:  # fixed once, so that every phase and metrics.json use the same count
         config = dataclasses.replace(config, threads=config.resolved_threads())
-        logger.info("torch threads: %d (%d cores, 1-minute load %.1f; set --threads to choose)", config.threads,
-                    os.cpu_count() or 1, os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0)
+        logger.info(
+            "torch threads: %d (%d cores, 1-minute load %.1f; set --threads to choose)",
+            config.threads,
+            os.cpu_count() or 1,
+            os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0,
+        )
     torch.set_num_threads(config.threads)
     output_dir = Path(output_dir) if output_dir is not None else default_output_dir()
     output_dir.mkdir(parents=True, exist_ok=True)
