@@ -1,6 +1,6 @@
 """``pacsrl train``: train a model with PACS (or GRPO, RLOO, PPO) from a YAML recipe plus command-line overrides.
 
-    pacsrl train --config recipes/tiny-demo-cpu.yaml      # the shipped tiny model on a CPU, in minutes
+    pacsrl train --config recipes/tiny-demo-cpu.yaml      # the shipped tiny model on a CPU, no GPU needed
     pacsrl train --config recipes/qwen2.5-0.5b-lora-gsm8k.yaml [--field value ...]
     pacsrl train --config recipe.yaml --algorithm grpo      # same data, rewards and logging, TRL's GRPOTrainer
     pacsrl train --config recipe.yaml --algorithm rloo      # TRL's RLOOTrainer
@@ -439,8 +439,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if "--config" not in argv and not any(a.startswith("--model_name_or_path") for a in argv):
         raise UsageError(
-            "no recipe: pass --config RECIPE.yaml (e.g. recipes/tiny-demo-cpu.yaml runs on a CPU in "
-            "minutes), or the fields on the command line; pacsrl train --help lists them"
+            "no recipe: pass --config RECIPE.yaml (e.g. recipes/tiny-demo-cpu.yaml runs on a CPU "
+            "without a GPU), or the fields on the command line; pacsrl train --help lists them"
         )
     train_args, config, model_args = parse_train_args(argv)
     if model_args.model_name_or_path is None:
