@@ -353,3 +353,34 @@ def test_entry_point_registers_all_three_in_a_fresh_process():
         [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=600
     )
     assert out.returncode == 0 and "registered" in out.stdout, out.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------------------------------
+# data for verl
+# --------------------------------------------------------------------------------------------------
+def test_records_map_onto_verls_rl_dataset_columns():
+    """Catches: a column verl's RLHFDataset / reward loop reads (prompt, data_source, reward_model.ground_truth)
+    missing or renamed."""
+    import datasets
+
+    from pacsrl.data.records import make_prompt
+    from pacsrl.verl.data import to_verl_rows
+
+    records = datasets.Dataset.from_list(
+        [
+            {
+                "prompt": make_prompt("What is 1+1?"),
+                "answer": "2",
+                "source": "math500",
+                "id": "m/0",
+                "problem": "x",
+            }
+        ]
+    )
+    row = to_verl_rows(records)[0]
+    assert row["prompt"] == [{"role": "user", "content": make_prompt("What is 1+1?")[0]["content"]}]
+    assert (row["data_source"], row["reward_model"]["ground_truth"], row["extra_info"]["id"]) == (
+        "math500",
+        "2",
+        "m/0",
+    )
