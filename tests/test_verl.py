@@ -233,11 +233,15 @@ def compose_recipe(overrides=()):
 
 
 def test_recipe_composes_with_verls_config_and_builds_pacs_configs():
-    """Catches: a recipe key verl does not know, a policy_loss section that does not build the PACS config."""
-    from verl.utils.config import omega_conf_to_dataclass
+    """Catches: a recipe key verl does not know or its main_ppo refuses, a policy_loss section that does not build
+    the PACS config."""
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import omega_conf_to_dataclass, validate_config
 
     cfg = compose_recipe()
     assert config_problems(cfg) == []
+    assert not need_critic(cfg) and not need_reference_policy(cfg)
+    validate_config(cfg, use_reference_policy=False, use_critic=False)  # what verl's main_ppo runs first
     actor = omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
     assert isinstance(actor.policy_loss, PACSPolicyLossConfig)
     assert (actor.policy_loss.loss_mode, actor.policy_loss.pacs_beta, actor.rollout_n) == ("pacs", 1.0, 8)
