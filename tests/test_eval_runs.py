@@ -369,3 +369,57 @@ def test_each_panel_plots_its_own_benchmark(tmp_path):
         if ax.get_visible()
     }
     assert labels == {"alpha": ["cold", "alpha only"], "beta": ["cold"]}
+
+
+# --------------------------------------------------------------------------------------------------
+# Scorer specs
+
+
+def test_resolve_reward_specs_and_errors():
+    from pacsrl.eval import resolve_reward
+    from pacsrl.rewards import math_reward
+
+    assert resolve_reward(half) is half  # a callable is used as it is
+    assert resolve_reward("math") is math_reward
+    assert resolve_reward("pacsrl.rewards:verify_answer").__name__ == "verify_answer"
+    for spec in ("pacsrl.rewards", "pacsrl.rewards:", ":math_reward", ":"):
+        with pytest.raises(
+            ValueError, match=rf"reward '{spec}': expected 'math' or 'package.module:function'"
+        ):
+            resolve_reward(spec)
+    with pytest.raises(ValueError, match=r"cannot import 'nope' from 'pacsrl.rewards'"):
+        resolve_reward("pacsrl.rewards:nope")
+    with pytest.raises(TypeError, match=r"reward 'pacsrl.rewards.math:DEFAULT_MAX_CHARS' is not callable"):
+        resolve_reward("pacsrl.rewards.math:DEFAULT_MAX_CHARS")
+
+
+def test_rescore_uses_the_runs_own_scorer_unless_told_otherwise(tmp_path, monkeypatch):
+    (tmp_path / "scorers.py").write_text(
+        "def even_first_digit(completions, answer, **kwargs):\n"
+        "    return [float(int(c[-1]['content'][0]) % 2 == 0) for c in completions]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    run = _write_run(tmp_path / "run", "r", {"s": [[0, 0, 0]]})
+    record = json.loads((run / "rollouts.jsonl").read_text())
+    record.update(prompt=[{"role": "user", "content": "p"}], answer="0")  # scorers get chat completions
+    settings = {"name": "r", "threshold": 1.0, "reward": "scorers:even_first_digit"}
+    (run / "settings.json").write_text(json.dumps(settings))
+
+    def scores():
+        return json.loads((run / "rollouts.jsonl").read_text())["scores"]
+
+    # the run's own scorer: 2 and 4 are even, 3 is odd
+    record["completions"] = ["2", "3", "4"]
+    (run / "rollouts.jsonl").write_text(json.dumps(record) + "\n")
+    recompute(run, rescore=True)
+    assert scores() == [1.0, 0.0, 1.0]
+    # a scorer given now wins, and is recorded as module:function
+    recompute(run, rescore=True, reward=half)
+    assert scores() == [0.5, 0.5, 0.5]
+    assert json.loads((run / "settings.json").read_text())["reward"] == f"{__name__}:half"
+    # a folder whose settings name no scorer is scored by the math verifier
+    record["completions"] = [r"\boxed{0}", r"\boxed{1}", "no answer"]
+    (run / "rollouts.jsonl").write_text(json.dumps(record) + "\n")
+    (run / "settings.json").write_text(json.dumps({"name": "r"}))
+    assert recompute(run, rescore=True).metrics["all"]["pass@1"] == pytest.approx(1 / 3)
+    assert scores() == [1.0, 0.0, 0.0]
