@@ -423,3 +423,16 @@ def test_rescore_uses_the_runs_own_scorer_unless_told_otherwise(tmp_path, monkey
     (run / "settings.json").write_text(json.dumps({"name": "r"}))
     assert recompute(run, rescore=True).metrics["all"]["pass@1"] == pytest.approx(1 / 3)
     assert scores() == [1.0, 0.0, 0.0]
+
+
+def test_compare_uses_the_ks_asked_for_and_writes_its_folder(tmp_path):
+    run = _write_run(tmp_path / "run", "r", {"s": [[1, 0, 0, 0]]})  # pass@2 = 1 - C(3,2)/C(4,2) = 1/2
+    table, _, (result,) = compare_runs([run], ks=[2])
+    assert result.metrics["ks"] == [2] and result.metrics["all"]["pass@2"] == 0.5
+    assert table.splitlines()[0] == "| benchmark | model | problems | n | pass@2 |"
+    out = tmp_path / "new" / "cmp"  # its parent does not exist yet, and then it exists
+    for _ in range(2):
+        compare_runs([run], output=out)
+    assert sorted(p.name for p in out.iterdir()) == ["comparison.json", "comparison.md", "comparison.png"]
+    saved = json.loads((out / "comparison.json").read_text())
+    assert saved["r"]["run"] == str(run) and saved["r"]["ks"] == [1, 2, 4]  # default ks without --k
