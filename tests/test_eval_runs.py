@@ -436,3 +436,12 @@ def test_compare_uses_the_ks_asked_for_and_writes_its_folder(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["comparison.json", "comparison.md", "comparison.png"]
     saved = json.loads((out / "comparison.json").read_text())
     assert saved["r"]["run"] == str(run) and saved["r"]["ks"] == [1, 2, 4]  # default ks without --k
+
+
+def test_a_folder_without_settings_reads_with_defaults(tmp_path):
+    run = _write_run(tmp_path / "bare", "ignored", {"s": [[1, 0]]})
+    (run / "settings.json").unlink()
+    result = load_run(run)  # named after its folder, threshold 1.0: pass@1 = 1/2
+    assert result.name == "bare" and result.settings == {} and result.metrics["all"]["pass@1"] == 0.5
+    (run / "settings.json").write_text(json.dumps({"model": "org/model"}))  # no display name: the model's
+    assert load_run(run).name == "org/model"

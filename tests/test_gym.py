@@ -10,6 +10,7 @@ from reasoning_gym.utils import extract_answer
 
 import pacsrl.data.gym as gym_module
 import pacsrl.rewards._pool as pool_module
+import pacsrl.rewards.gym as rewards_gym_module
 from pacsrl.data.gym import format_solution, make_gym_dataset, make_gym_splits, normalize_question
 from pacsrl.rewards import (
     VerifierStats,
@@ -293,9 +294,11 @@ def test_scorer_errors_are_counted_and_logged(tmp_path, monkeypatch, caplog):
     # worker's PYTHONPATH replaces every task's scorer by one that raises (as a scorer broken by metadata
     # types changed in the JSON round trip would, on every row).
     (tmp_path / "sitecustomize.py").write_text(RAISING_SCORER)
-    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
     # pools of their own, so that their workers start with the patch (and no other test gets them)
     monkeypatch.setattr(pool_module, "_POOLS", {})
+    # a fresh count of scorer errors, so the rate limit below starts at 1 whatever ran before in this process
+    monkeypatch.setattr(rewards_gym_module, "_ERRORS", rewards_gym_module._ErrorCounts())
     reward = make_gym_reward("chain_sum")
     metrics = {}
     try:

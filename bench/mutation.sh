@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Mutation testing of the modules where a silent bug costs most (README, "Mutation testing").
+#
+#   bash bench/mutation.sh                 # every group: objective rewards eval data
+#   bash bench/mutation.sh eval data       # some groups
+#   MUTANTS='pacsrl.eval.metrics.*' bash bench/mutation.sh eval   # only the mutants whose names match
+#
+# For each group, mutmut (in the `dev` extra) makes every small change it knows to the group's modules and
+# runs, for each change, the group's fast tests that execute the changed function. A change no test
+# notices "survives". Each group runs in a copy of the working tree under .mutation/GROUP, and writes
+# bench/results/mutation/GROUP.md: counts, and every survivor's diff with the reason it is fine (harmless,
+# or killed by a test added since) where bench/mutation_survivors.tsv gives one. MAX_CHILDREN (default:
+# the number of cores) mutants are tested at once. A group's folder is kept: the next run copies the tree
+# over it and mutmut re-tests only the functions (and tests) that changed since; FRESH=1 starts over.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+out=$root/bench/results/mutation
+mkdir -p "$out"
+
+# group -> modules to mutate (fnmatch patterns), the tests that check them ("not slow" ones only), and a
+# pytest -k filter: the eval group leaves out the tests that sample from a tiny model (sampling.py is not
+# mutated; test_eval_runs.py drives run.py model-free with a seeded stand-in sampler); rewards and data
+# leave out the pathological-input tests, whose wall-clock bounds fail on a machine busy with mutants.
+declare -A MODULES=(
+    [objective]='"src/pacsrl/objective.py"'
+    [rewards]='"src/pacsrl/rewards/*"'
+    [eval]='"src/pacsrl/eval/metrics.py", "src/pacsrl/eval/rollouts.py", "src/pacsrl/eval/run.py"'
+    [data]='"src/pacsrl/data/*"'
+)
+declare -A TESTS=(
+    [objective]='"tests/test_objective.py"'
+    [rewards]='"tests/test_rewards.py", "tests/test_verifier_workers.py", "tests/test_gym.py"'
+    [eval]='"tests/test_eval.py", "tests/test_eval_runs.py"'
+    [data]='"tests/test_data.py", "tests/test_gym.py"'
+)
+model_tests="sample_completions or evaluate_model or end_to_end or resume_after_crash or resume_refuses_other"
+model_tests+=" or resume_refuses_another or compare_plot_has or compare_only_reads or cli_eval_recompute"
+declare -A FILTER=(
+    [objective]=''
+    [rewards]='not pathological'
+    [data]='not pathological'
+    [eval]="not ($model_tests)"
+)
+groups=("$@")
+[ "${#groups[@]}" -gt 0 ] || groups=(objective rewards eval data)
+for group in "${groups[@]}"; do
+    [ -n "${MODULES[$group]:-}" ] || { echo "unknown group '$group': use objective, rewards, eval or data" >&2; exit 2; }
+done
+
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false MPLBACKEND=Agg
+for group in "${groups[@]}"; do
+    work=$root/.mutation/$group
+    if [ -n "${FRESH:-}" ] || [ ! -f "$work/pyproject.toml" ]; then
+        rm -rf "$work" && mkdir -p "$work"
+    else
+        rm -rf "$work/tests" "$work/pyproject.toml"  # replaced below; mutants/ keeps mutmut's results
+    fi
+    # the working tree as it is (tracked and new files), so uncommitted tests count too
+    git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t "$work"
+    commit="commit $(git rev-parse --short HEAD)"
+    git diff --quiet HEAD -- src tests || commit+=" with uncommitted changes to src/ or tests/"
+    filter=""
+    [ -z "${FILTER[$group]}" ] || filter=", \"-k\", \"${FILTER[$group]}\""
+    cat >> "$work/pyproject.toml" <<EOF
+
+[tool.mutmut]
+source_paths = ["src"]
+only_mutate = [${MODULES[$group]}]
+pytest_add_cli_args_test_selection = [${TESTS[$group]}]
+pytest_add_cli_args = ["-p", "no:cacheprovider", "-m", "not slow and not gpu"$filter]
+# the words of error, log and progress-bar messages are not behaviour: lines that start one are not mutated
+do_not_mutate_patterns = ['raise \w+\(', 'logger\.\w+\(', 'tqdm\(']
+EOF
+    cd "$work"
+    # The verifier's worker subprocesses must import the mutated copy too (they inherit PYTHONPATH). The
+    # folder must exist before Python starts: a sys.path entry missing at start-up is cached as missing,
+    # and the tests would silently import the unmutated package.
+    mkdir -p mutants/src
+    start=$(date +%s)
+    status=0
+    set -f  # MUTANTS holds several patterns, passed to mutmut unexpanded
+    # shellcheck disable=SC2086
+    PYTHONPATH=$work/mutants/src mutmut run --max-children "${MAX_CHILDREN:-$(nproc)}" ${MUTANTS:-} \
+        > mutmut.log 2>&1 || status=$?
+    set +f
+    seconds=$(( $(date +%s) - start ))
+    if [ "$status" -ne 0 ]; then
+        tail -n 30 mutmut.log >&2
+        echo "$group: mutmut run failed (exit $status) after ${seconds} s; log: $work/mutmut.log" >&2
+        exit "$status"
+    fi
+    python "$root/bench/mutation_summary.py" --group "$group" --seconds "$seconds" \
+        --reasons "$root/bench/mutation_survivors.tsv" --commit "$commit" \
+        ${MUTANTS:+--note "only the mutants matching: $MUTANTS (the others are not checked)"} > "$out/$group.md"
+    echo "$group: ${seconds} s; $(grep -m1 '^| total' "$out/$group.md")"
+    cd "$root"
+done

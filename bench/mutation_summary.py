@@ -1,0 +1,119 @@
+"""Markdown summary of the ``mutmut run`` in the current folder (read from ``mutants/``).
+
+Run by bench/mutation.sh in a group's copy of the tree. Counts per module, then every surviving mutant
+with its diff and, when the reasons file lists it (``mutant name<TAB>reason``), why it is fine: harmless,
+or killed by a test added since. Survivors without a reason are flagged: each needs a test that kills it.
+
+    python bench/mutation_summary.py --group G [--seconds S] [--reasons FILE] [--commit C] [--note N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import sys
+from collections import Counter
+from pathlib import Path
+
+from mutmut.configuration import config
+from mutmut.mutation.diff_apply import get_diff_for_mutant
+from mutmut.stats import status_by_exit_code
+from mutmut.utils.file_utils import walk_mutatable_files
+
+COLUMNS = ("killed", "survived", "timeout", "no tests", "not checked")
+
+
+def _reasons(path: Path) -> dict[str, str]:
+    if not path.exists():
+        return {}
+    reasons = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, reason = line.partition("\t")
+            reasons[name.strip()] = reason.strip()
+    return reasons
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--group", required=True, help="the group's name, for the header")
+    parser.add_argument("--seconds", type=int, help="wall time of the run, for the header")
+    parser.add_argument("--reasons", type=Path, default=Path("bench/mutation_survivors.tsv"))
+    parser.add_argument("--commit", default="unknown", help="the commit the group's copy was taken from")
+    parser.add_argument("--note", help="a remark for the header, e.g. why the run is partial")
+    args = parser.parse_args()
+
+    statuses: dict[str, dict[str, str]] = {}
+    for path in walk_mutatable_files():
+        meta = Path("mutants") / f"{path}.meta"
+        if not meta.exists():
+            continue
+        codes = json.loads(meta.read_text())["exit_code_by_key"]
+        statuses[str(path)] = {name: status_by_exit_code[code] for name, code in codes.items()}
+
+    print(f"# Mutation testing: {args.group}\n")
+    print(f"- command: `bash bench/mutation.sh {args.group}`")
+    print(f"- source: {args.commit}")
+    print(f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
+    print(f"- machine: {os.cpu_count()} cores, {platform.machine()}, Python {sys.version.split()[0]}")
+    if args.seconds is not None:
+        print(f"- wall time: {args.seconds} s ({args.seconds / 60:.1f} min)")
+    selection = shlex.join(config().pytest_add_cli_args_test_selection + config().pytest_add_cli_args)
+    print(f"- tests: `pytest {selection}`, those that run the changed function")
+    if args.note:
+        print(f"- note: {args.note}")
+    print()
+    print("| module | mutants | " + " | ".join(COLUMNS) + " | other |")
+    print("|---|---:|" + "---:|" * (len(COLUMNS) + 1))
+    total: Counter[str] = Counter()
+    for path, by_name in statuses.items():
+        if not by_name:
+            continue
+        counts = Counter(by_name.values())
+        total.update(counts)
+        other = sum(v for k, v in counts.items() if k not in COLUMNS)
+        cells = [str(counts[c]) for c in COLUMNS]
+        print(f"| {path.removeprefix('src/')} | {len(by_name)} | " + " | ".join(cells) + f" | {other} |")
+    other = sum(v for k, v in total.items() if k not in COLUMNS)
+    cells = [str(total[c]) for c in COLUMNS]
+    print(f"| total | {sum(total.values())} | " + " | ".join(cells) + f" | {other} |")
+
+    reasons = _reasons(args.reasons)
+    survivors = [
+        (path, name) for path, by_name in statuses.items() for name, s in by_name.items() if s == "survived"
+    ]
+    unexplained = [name for _, name in survivors if name not in reasons]
+    print(f"\n## Survivors: {len(survivors)}, {len(unexplained)} without a reason\n")
+    print("A survivor is a change no test noticed. Each one needs a test that kills it, or a line in")
+    print(
+        "`bench/mutation_survivors.tsv`: harmless (an equivalent mutant), or killed by a test added since.\n"
+    )
+    for path, name in survivors:
+        reason = reasons.get(name, "**no reason given: add a test that kills it, or explain it**")
+        diff = get_diff_for_mutant(name, path=path).strip()
+        print(f"### `{name}`\n\n{reason}\n\n```diff\n{diff}\n```\n")
+    # the rest, by function: timeouts and the like one by one, "no tests" and "not checked" as counts
+    by_function: dict[tuple[str, str], list[str]] = {}
+    for by_name in statuses.values():
+        for name, status in by_name.items():
+            if status not in ("killed", "survived"):
+                by_function.setdefault((status, name.split("__mutmut_")[0]), []).append(name)
+    if by_function:
+        print("## Neither killed nor survived\n")
+        print("| status | function | mutants |")
+        print("|---|---|---|")
+        for (status, function), names in sorted(by_function.items()):
+            listed = (
+                ", ".join(n.rsplit("_", 1)[1] for n in names)
+                if status not in ("no tests", "not checked")
+                else ""
+            )
+            print(f"| {status} | `{function}` | {len(names)}{f' ({listed})' if listed else ''} |")
+
+
+if __name__ == "__main__":
+    main()
