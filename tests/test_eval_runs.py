@@ -384,12 +384,12 @@ def test_resolve_reward_specs_and_errors():
     assert resolve_reward("pacsrl.rewards:verify_answer").__name__ == "verify_answer"
     for spec in ("pacsrl.rewards", "pacsrl.rewards:", ":math_reward", ":"):
         with pytest.raises(
-            ValueError, match=rf"reward '{spec}': expected 'math' or 'package.module:function'"
+            ValueError, match=rf"reward '{spec}': expected 'auto', 'math', 'gym:TASK' or 'module:function'"
         ):
             resolve_reward(spec)
     with pytest.raises(ValueError, match=r"cannot import 'nope' from 'pacsrl.rewards'"):
         resolve_reward("pacsrl.rewards:nope")
-    with pytest.raises(TypeError, match=r"reward 'pacsrl.rewards.math:DEFAULT_MAX_CHARS' is not callable"):
+    with pytest.raises(TypeError, match=r"reward 'pacsrl.rewards.math:DEFAULT_MAX_CHARS' is not a function"):
         resolve_reward("pacsrl.rewards.math:DEFAULT_MAX_CHARS")
 
 
