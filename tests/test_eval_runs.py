@@ -112,9 +112,12 @@ def test_interrupted_and_resumed_cli_run_writes_the_rollouts_of_an_uninterrupted
         "    return [float(int(c[-1]['content'][0]) % 2 == 0) for c in completions]\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
+    model = tmp_path / "stand-in"  # a checkpoint folder for the CLI's check; the stand-in sampler samples
+    model.mkdir()
+    (model / "config.json").write_text("{}")
 
     def argv(out):
-        return ["eval", "--model", "stand-in", "--datasets", str(data), "--n", "3", "--chunk-size", "2",
+        return ["eval", "--model", str(model), "--datasets", str(data), "--n", "3", "--chunk-size", "2",
                 "--seed", "7", "--backend", "hf", "--reward", "scorers:even_first_digit", "--output", str(out)]  # fmt: skip
 
     use_sampler(SeededSampler())
