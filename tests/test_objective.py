@@ -179,6 +179,11 @@ def test_group_outcomes():
     labels = torch.tensor([1, 1, 0, 0, 0, 0, 1, 0])  # groups of 2: all-correct, all-wrong, all-wrong, mixed
     out = group_outcomes(labels, 2)
     assert out == {"all_correct": 0.25, "all_wrong": 0.5, "mixed": 0.25}
+    # one all-wrong group of five: a count of groups with *some* correct answer (4 of 5) would read 0.8
+    labels = torch.tensor([1, 1, 0, 0, 1, 0, 0, 1, 1, 0])  # all-correct, all-wrong, mixed, mixed, mixed
+    assert group_outcomes(labels, 2) == pytest.approx({"all_correct": 0.2, "all_wrong": 0.2, "mixed": 0.6})
+    with pytest.raises(ValueError, match="shape"):  # (N, 1) labels are refused, not silently flattened
+        group_outcomes(labels.view(-1, 1), 2)
 
 
 # --------------------------------------------------------------------------------------------------
