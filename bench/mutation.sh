@@ -48,6 +48,10 @@ for group in "${groups[@]}"; do
     [ -n "${MODULES[$group]:-}" ] || { echo "unknown group '$group': use objective, rewards, eval or data" >&2; exit 2; }
 done
 
+cores=$(nproc)  # before OMP_NUM_THREADS is set: nproc reports that instead
+# one torch thread per mutant: MAX_CHILDREN of them share the cores, and a child forked from a process whose
+# OpenMP pool has started hangs at its first parallel op (every mutant then "times out")
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false MPLBACKEND=Agg
 for group in "${groups[@]}"; do
     work=$root/.mutation/$group
@@ -81,7 +85,7 @@ EOF
     status=0
     set -f  # MUTANTS holds several patterns, passed to mutmut unexpanded
     # shellcheck disable=SC2086
-    PYTHONPATH=$work/mutants/src mutmut run --max-children "${MAX_CHILDREN:-$(nproc)}" ${MUTANTS:-} \
+    PYTHONPATH=$work/mutants/src mutmut run --max-children "${MAX_CHILDREN:-$cores}" ${MUTANTS:-} \
         > mutmut.log 2>&1 || status=$?
     set +f
     seconds=$(( $(date +%s) - start ))

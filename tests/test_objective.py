@@ -309,17 +309,19 @@ def test_on_policy_advantage_rloo_matches_paper_formula_by_loops():
     assert got[1].item() == pytest.approx(-4 / 9, rel=1e-6)
 
 
+@pytest.mark.parametrize("weight_mode", WEIGHT_MODES)
 @pytest.mark.parametrize("baseline", BASELINES)
-def test_on_policy_loss_matches_full_loss(baseline):
+def test_on_policy_loss_matches_full_loss(baseline, weight_mode):
     G, B, T = 4, 4, 5
     N = G * B
     logps, _, mask = random_batch(N, T, seed=11)
     labels = torch.tensor([1, 0, 0, 0, 1, 1, 1, 1, 1, 0, 1, 0, 0, 0, 0, 0])
+    modes = {"baseline": baseline, "weight_mode": weight_mode}
     lp_full = logps.clone().requires_grad_(True)
-    full = pacs_loss(lp_full, logps.clone(), mask, labels, G, beta=0.5, baseline=baseline)
+    full = pacs_loss(lp_full, logps.clone(), mask, labels, G, beta=0.5, **modes)
     full.backward()
     lp_fast = logps.clone().requires_grad_(True)
-    fast = pacs_on_policy_loss(lp_fast, mask, labels, G, beta=0.5, baseline=baseline)
+    fast = pacs_on_policy_loss(lp_fast, mask, labels, G, beta=0.5, **modes)
     fast.backward()
     assert fast.item() == pytest.approx(full.item(), rel=1e-12)
     assert torch.allclose(lp_fast.grad, lp_full.grad, rtol=1e-9, atol=1e-12)
@@ -329,12 +331,33 @@ def test_on_policy_loss_matches_full_loss(baseline):
     if baseline != "none":
         keep = torch.tensor([0, 1, 2, 3, 8, 9, 10, 11])
         lp_sub = logps[keep].clone().requires_grad_(True)
-        sub = pacs_on_policy_loss(
-            lp_sub, mask[keep], labels[keep], G, beta=0.5, baseline=baseline, num_rows=N
-        )
+        sub = pacs_on_policy_loss(lp_sub, mask[keep], labels[keep], G, beta=0.5, num_rows=N, **modes)
         sub.backward()
         assert torch.allclose(lp_sub.grad, lp_full.grad[keep], rtol=1e-9, atol=1e-12)
         assert (lp_full.grad[4:8] == 0).all() and (lp_full.grad[12:] == 0).all()
+
+
+def test_on_policy_loss_default_beta_is_the_papers():
+    G, T = 4, 5
+    logps, _, mask = random_batch(8, T, seed=5)
+    labels = torch.tensor([1, 0, 0, 0, 1, 1, 0, 1])
+    lp_default = logps.clone().requires_grad_(True)
+    pacs_on_policy_loss(lp_default, mask, labels, G).backward()
+    lp_full = logps.clone().requires_grad_(True)
+    pacs_loss(
+        lp_full, logps.clone(), mask, labels, G, beta=1.0
+    ).backward()  # beta = 1 (paper), said explicitly
+    assert torch.allclose(lp_default.grad, lp_full.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_on_policy_loss_num_rows_must_cover_the_rows_given():
+    logps, _, mask = random_batch(4, 3, seed=2)
+    labels = torch.tensor([1, 0, 1, 0])
+    with pytest.raises(ValueError, match="num_rows=2 must be >= the number of rows given"):
+        pacs_on_policy_loss(logps, mask, labels, 2, num_rows=2)  # 1/2 would double every row's weight
+    empty = torch.zeros(0, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="num_rows=0"):  # 1/0
+        pacs_on_policy_loss(empty, empty, torch.zeros(0), 2, num_rows=0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -422,6 +445,51 @@ def test_bad_input_raises_clear_errors(mutate, match):
         )
 
 
+def test_each_public_function_names_its_bad_mode():
+    labels = torch.tensor([1, 0, 1, 0])
+    with pytest.raises(ValueError, match="unknown baseline='ppo'"):
+        group_centre(torch.zeros(4), 2, "ppo")
+    with pytest.raises(ValueError, match="unknown baseline='ppo'"):
+        on_policy_advantage(labels, 2, baseline="ppo")
+    with pytest.raises(ValueError, match="unknown weight_mode='class'"):
+        class_weights(labels, 2, "class")
+
+
+def test_scalar_inputs_get_the_shape_error():
+    scalar = torch.tensor(1.0)  # 0-dim: no shape[0] to read, so the check must not index it first
+    with pytest.raises(ValueError, match=r"logps must have shape \(N, T\)"):
+        pacs_loss(scalar, scalar, scalar, scalar, 2)
+    with pytest.raises(ValueError, match=r"logps must have shape \(N, T\)"):
+        pacs_on_policy_loss(scalar, scalar, scalar, 2)
+    for fn in (class_weights, group_outcomes):
+        with pytest.raises(ValueError, match="labels must have shape"):
+            fn(scalar, 2)
+
+
+@pytest.mark.parametrize("group_size", [2.0, True])
+def test_group_size_must_be_an_int(group_size):
+    logps, ref, mask, labels = _ok()
+    with pytest.raises(TypeError, match=f"group_size must be an int, got {type(group_size).__name__}"):
+        pacs_loss(logps, ref, mask, labels, group_size)
+
+
+def test_bad_labels_message_lists_the_bad_values():
+    logps, ref, mask, _ = _ok()
+    with pytest.raises(ValueError, match=r"got \[0\.5, 2\.0\]"):
+        pacs_loss(logps, ref, mask, torch.tensor([1.0, 0.5, 2.0, 0.5]), 2)
+
+
+@pytest.mark.parametrize("weight_mode", WEIGHT_MODES)
+def test_class_weights_have_the_labels_float_dtype(weight_mode):
+    labels = [1, 0, 0, 0]  # float32 for integer labels, else the labels' own float dtype
+    for given, expected in [
+        (torch.long, torch.float32),
+        (torch.float32, torch.float32),
+        (torch.float64, torch.float64),
+    ]:
+        assert class_weights(torch.tensor(labels, dtype=given), 4, weight_mode).dtype == expected
+
+
 def test_numpy_integer_group_size_is_accepted():
     np = pytest.importorskip("numpy")
     logps, ref, mask, labels = _ok()
@@ -451,6 +519,13 @@ def test_bf16_log_probs_are_summed_in_fp32():
     assert torch.allclose(got.double(), exact, rtol=0, atol=1e-3)
     naive = (logps - ref).sum(dim=1)  # differences and sum in bf16: off by up to 0.27 here, 100x our error
     assert (naive.double() - exact).abs().max() > 0.1
+    # the reference-free form: a mean of the bf16 log-probs, summed in fp32 too
+    exact_mean = logps.double().sum(dim=1) / logps.shape[1]  # (N,)
+    got_mean = implicit_reward(logps, None, mask, reward_form="mean_logp")
+    assert got_mean.dtype == torch.float32
+    assert torch.allclose(got_mean.double(), exact_mean, rtol=0, atol=1e-6)
+    naive_mean = logps.sum(dim=1) / logps.shape[1]  # a bf16 sum near -10,000 rounds to a multiple of 64
+    assert (naive_mean.double() - exact_mean).abs().max() > 1e-3
 
     labels = torch.tensor([1, 0, 0, 1, 0, 1, 1, 1])
     lp = logps.clone().requires_grad_(True)
