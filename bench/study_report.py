@@ -188,7 +188,7 @@ def write_report(runs: Sequence[dict[str, Any]], args: Any, config: Any, output:
             f"samples, {config.updates_per_rollout} optimizer steps per rollout, lr {config.learning_rate} constant, "
             f"rollout temperature {config.temperature}; PACS beta {config.pacs_beta}; GRPO loss_type "
             f"'{config.grpo_loss_type}'; no KL term for any method; PPO's critic lr {config.critic_learning_rate}. "
-            "Final evaluation: {config.eval_size} held-out problems x "
+            f"Final evaluation: {config.eval_size} held-out problems x "
             f"{config.eval_samples} samples at temperature {config.eval_temperature}, sampling seed = the run's seed. "
             f"Curves: the first {config.curve_size} of them x {config.curve_samples} samples every "
             f"{config.curve_every} steps. pass@k in percent; intervals are 95% Student-t over seeds."

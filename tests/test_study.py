@@ -217,6 +217,8 @@ def test_smoke_study_runs_in_parallel_and_resumes(tmp_path, caplog):
             assert any("entropy" in h for h in r["log"])
     results = (tmp_path / "results.md").read_text()
     assert "Complete" in results and "Paired differences against GRPO" in results
+    # the settings are filled in (not a literal "{config.eval_size}")
+    assert "Final evaluation: 4 held-out problems x 4 samples" in results
     for plot in ("curves.png", "pass_at_k.png", "entropy.png", "paired.png"):
         assert (tmp_path / plot).stat().st_size > 0
 
