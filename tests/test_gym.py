@@ -3,6 +3,7 @@ import logging
 import os
 import pickle
 import random
+import re
 import time
 
 import pytest
@@ -316,6 +317,12 @@ def test_scorer_errors_are_counted_and_logged(tmp_path, monkeypatch, caplog):
     warnings = [r.getMessage() for r in caplog.records if "scorer raised" in r.getMessage()]
     # rate-limited: logged at the 1st, 2nd and 4th error of the task, with the scorer's exception
     assert len(warnings) == 3 and all("KeyError: 'expression'" in w for w in warnings)
+    # each with the task's error count so far
+    assert [re.search(r"\((\d+) chain_sum scorer errors so far", w).group(1) for w in warnings] == [
+        "1",
+        "2",
+        "4",
+    ]
 
 
 @pytest.mark.parametrize(

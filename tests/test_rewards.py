@@ -198,6 +198,18 @@ def test_batch_with_trl_keyword_arguments():
 def test_verify_answer():
     assert verify_answer(r"\boxed{\frac{6}{8}}", "0.75") is True  # 6/8 = 3/4
     assert verify_answer(r"\boxed{0.7}", "0.75") is False  # 0.7 != 0.75
+    # either argument not a string is refused before any worker sees it
+    for completion, gold in ((7, "7"), ("7", 7), (None, None)):
+        with pytest.raises(TypeError, match="expects two strings"):
+            verify_answer(completion, gold)
+
+
+def test_empty_batch():
+    metrics = {}
+    for reward in (math_reward, make_math_reward(num_workers=2)):
+        assert reward([], answer=[], log_metric=lambda name, value: metrics.__setitem__(name, value)) == []
+    assert metrics == {}  # no fraction of an empty batch
+    assert verifier_stats() == VerifierStats()
 
 
 def test_find_unparseable_gold():
@@ -209,6 +221,7 @@ def test_find_unparseable_gold():
 
 def test_name_and_pickle():
     assert math_reward.__name__ == "math_reward"
+    assert make_math_reward().__name__ == "math_reward"  # the default name, as TRL logs it
     custom = make_math_reward(timeout=2.0, name="math_acc")
     assert custom.__name__ == "math_acc"
     clone = pickle.loads(pickle.dumps(custom))
@@ -230,10 +243,13 @@ def test_bad_arguments():
     for bad in (0, -1.0, float("nan"), float("inf"), "5"):
         with pytest.raises(ValueError, match="timeout"):
             make_math_reward(timeout=bad)
-    with pytest.raises(ValueError, match="num_workers"):
-        make_math_reward(num_workers=0)
-    with pytest.raises(ValueError, match="max_chars"):
-        make_math_reward(max_chars=10)
+    for bad in (0, True, 1.5, "2"):
+        with pytest.raises(ValueError, match="num_workers"):
+            make_math_reward(num_workers=bad)
+    for bad in (10, 999, True, 5000.5, "5000"):
+        with pytest.raises(ValueError, match="max_chars"):
+            make_math_reward(max_chars=bad)
+    assert make_math_reward(max_chars=1000).max_chars == 1000  # the smallest allowed
     with pytest.raises(ValueError, match="name"):
         make_math_reward(name="math reward")
     with pytest.raises(ValueError, match="timeout"):
@@ -289,6 +305,41 @@ def test_pathological_inputs_are_bounded():
     assert elapsed < 30, f"pathological inputs took {elapsed:.1f} s"
     stats = verifier_stats()
     assert stats.calls == len(completions)
+
+
+def test_failed_checks_are_logged_with_what_they_checked(monkeypatch, caplog):
+    # every job times out (a stand-in pool: no worker starts), then every job errs
+    monkeypatch.setattr(pool_module.WorkerPool, "run", lambda self, message, timeout: None)
+    with caplog.at_level(logging.WARNING, logger="pacsrl.rewards.math"):
+        assert verify_answer(r"So \boxed{12}.", "13") is False
+        assert find_unparseable_gold(["3", "4"]) == [(0, "3"), (1, "4")]
+    monkeypatch.setattr(pool_module.WorkerPool, "run", lambda self, message, timeout: {"error": "boom"})
+    with caplog.at_level(logging.WARNING, logger="pacsrl.rewards.math"):
+        assert math_reward([r"\boxed{8}"], answer=["9"]) == [0.0]
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 4
+    # each names what was checked: the completion's last box (as sent) and the gold, or the gold's row
+    assert "boxed{12}'" in messages[0] and "'13'" in messages[0] and "timed out" in messages[0]
+    assert "row 0 '3'" in messages[1] and "row 1 '4'" in messages[2]
+    assert "boxed{8}'" in messages[3] and "'9'" in messages[3] and "boom" in messages[3]
+    assert verifier_stats() == VerifierStats(calls=4, timeouts=3, errors=1)
+
+
+def test_stats_counter_adds_under_threads():
+    counter = pool_module._StatsCounter()
+    assert counter.get() == VerifierStats()
+
+    def add(_):
+        for _ in range(500):
+            counter.add(calls=1, timeouts=1)
+            counter.add(calls=2, errors=1)
+
+    with ThreadPoolExecutor(max_workers=4) as executor:
+        list(executor.map(add, range(4)))
+    # 4 threads x 500 rounds: calls 3 per round, timeouts 1, errors 1
+    assert counter.get() == VerifierStats(calls=6000, timeouts=2000, errors=2000)
+    counter.reset()
+    assert counter.get() == VerifierStats()
 
 
 def test_timeout_is_counted_and_logged(caplog):

@@ -13,7 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from pacsrl.rewards import score_gym_answers, shutdown_workers, verify_answer
+from pacsrl.rewards import (
+    find_unparseable_gold,
+    make_math_reward,
+    score_gym_answers,
+    shutdown_workers,
+    verify_answer,
+)
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
 
@@ -86,3 +92,24 @@ def test_a_timed_out_gym_job_kills_its_worker_and_the_rest_of_the_batch_goes_to_
     assert not _running(first)
     (second,) = _workers()
     assert second != first
+
+
+def test_the_default_verifiers_share_one_worker_and_keep_it(no_leaked_workers):
+    # verify_answer, find_unparseable_gold and a default math reward (one worker) all use one worker
+    # subprocess, kept between calls rather than restarted for each (a start costs about a second)
+    assert verify_answer(r"\boxed{2}", "2")
+    (first,) = _workers()
+    assert verify_answer(r"\boxed{2}", "3") is False
+    assert _workers() == {first}
+    reward = make_math_reward()
+    assert reward([r"\boxed{1}", r"\boxed{2}", r"\boxed{3}"], answer=["1", "5", "3"]) == [1.0, 0.0, 1.0]
+    assert find_unparseable_gold(["3", "}{"]) == [(1, "}{")]
+    assert _workers() == {first}
+
+
+def test_a_batch_is_spread_over_the_workers(no_leaked_workers):
+    # two completions, two workers: the second check does not wait for the first worker (whose start
+    # alone takes about a second), it starts the other one
+    reward = make_math_reward(num_workers=2)
+    assert reward([r"\boxed{1}", r"\boxed{2}"], answer=["1", "1"]) == [1.0, 0.0]
+    assert len(_workers()) == 2
