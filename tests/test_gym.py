@@ -158,12 +158,11 @@ def test_reward_table(completion, expected):
 def test_reward_batch_name_and_negative_answers():
     reward = make_gym_reward("chain_sum")
     assert reward.__name__ == "chain_sum_accuracy"
-    completions = ["<answer>-5</answer>", "<answer>5</answer>", "<answer>12</answer>"]
-    # 3 - 8 = -5; 3 - 8 != 5; 9 + 3 = 12; extra columns (as TRL passes them) are ignored
-    got = reward(
-        completions, **_columns(["-5", "-5", "12"], ["3 - 8", "3 - 8", "9 + 3"]), source=["gym:chain_sum"] * 3
-    )
-    assert got == [1.0, 0.0, 1.0]
+    completions = ["<answer>-5</answer>", "-5, no tag", "<answer>5</answer>", "<answer>12</answer>"]
+    # 3 - 8 = -5; no answer tag; 3 - 8 != 5; 9 + 3 = 12; extra columns (as TRL passes them) are ignored
+    columns = _columns(["-5", "-5", "-5", "12"], ["3 - 8", "3 - 8", "3 - 8", "9 + 3"])
+    got = reward(completions, **columns, source=["gym:chain_sum"] * 4)
+    assert got == [1.0, 0.0, 0.0, 1.0]
 
 
 def test_reward_on_generated_rows():
@@ -178,6 +177,11 @@ def test_reward_rejects_misaligned_columns():
     reward = make_gym_reward("chain_sum")
     with pytest.raises(ValueError, match="2 completions but 1 answers"):
         reward(["<answer>1</answer>"] * 2, **_columns(["1"], ["0 + 1"]))
+    # either column alone out of line is refused too (zip would drop the rows it lacks)
+    with pytest.raises(ValueError, match="2 completions but 2 answers and 1 metadata rows"):
+        reward(["<answer>1</answer>"] * 2, answer=["1", "1"], metadata=_columns([], ["0 + 1"])["metadata"])
+    with pytest.raises(ValueError, match="2 completions but 1 answers and 2 metadata rows"):
+        reward(["<answer>1</answer>"] * 2, **_columns(["1"], ["0 + 1", "0 + 1"]))
 
 
 def test_completion_text():
@@ -369,6 +373,10 @@ def test_the_scorer_gets_the_entry_rebuilt_from_the_columns(tmp_path, monkeypatc
     try:
         # row 3's gold is 8, not the 7 its answer quotes: the scorer must see 8
         assert reward(completions, **columns) == [1.0, 1.0, 0.0]
+        # without a question column the scorer gets an empty question
+        without_question = {"question": "", "answer": "7", "metadata": {"expression": "3 + 4"}}
+        completion = format_solution(json.dumps(without_question, sort_keys=True))
+        assert reward([completion], answer=["7"], metadata=[columns["metadata"][1]]) == [1.0]
     finally:
         shutdown_workers()
 

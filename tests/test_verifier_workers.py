@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,17 @@ def _workers() -> set[int]:
         if ppid == os.getpid() and b"pacsrl.rewards" in cmdline and _running(int(entry.name)):
             found.add(int(entry.name))
     return found
+
+
+def _within(seconds: float, fn, *args):
+    """``fn(*args)``, failing the test if it has not returned within ``seconds`` (run in a daemon thread, so
+    that a call that never returns cannot hang the test run)."""
+    result = []
+    thread = threading.Thread(target=lambda: result.append(fn(*args)), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert result, f"{fn.__name__} did not return within {seconds} s"
+    return result[0]
 
 
 @pytest.fixture
@@ -113,3 +125,15 @@ def test_a_batch_is_spread_over_the_workers(no_leaked_workers):
     reward = make_math_reward(num_workers=2)
     assert reward([r"\boxed{1}", r"\boxed{2}"], answer=["1", "1"]) == [1.0, 0.0]
     assert len(_workers()) == 2
+
+
+def test_shutdown_stops_idle_workers_even_one_that_will_not_exit_and_they_restart(no_leaked_workers):
+    assert verify_answer(r"\boxed{2}", "2")
+    (first,) = _workers()
+    os.kill(first, signal.SIGSTOP)  # an idle worker that will not exit when asked (EOF on its stdin)
+    _within(60, shutdown_workers)  # asks, waits 2 s, then kills it
+    assert _state(first) is None  # killed and reaped
+    # the next call starts a fresh worker (the pool does not still count the stopped one as live)
+    assert _within(120, verify_answer, r"\boxed{3}", "3")
+    (second,) = _workers()
+    assert second != first
