@@ -269,16 +269,20 @@ def test_pathological_answers_are_bounded(countdown_row, caplog):
     assert metrics["countdown_accuracy/timeout_frac"] == logged / len(completions)
 
 
-def test_timeout_is_counted_and_the_next_answers_still_scored(countdown_row):
+def test_timeout_is_counted_and_the_next_answers_still_scored(countdown_row, caplog):
     reward = make_gym_reward("countdown", timeout=1.0)
     gold = format_solution(countdown_row["answer"][0])
     completions = [gold, "<answer>9**9**9**9</answer>", gold]
     metrics = {}
-    rewards = reward(
-        completions,
-        **{k: v * 3 for k, v in countdown_row.items()},
-        log_metric=lambda name, value: metrics.__setitem__(name, value),
-    )
+    with caplog.at_level(logging.WARNING, logger="pacsrl.rewards.gym"):
+        rewards = reward(
+            completions,
+            **{k: v * 3 for k, v in countdown_row.items()},
+            log_metric=lambda name, value: metrics.__setitem__(name, value),
+        )
+    # the tower was given the reward's 1 s, not the default 5 s
+    (message,) = [r.getMessage() for r in caplog.records if "timed out" in r.getMessage()]
+    assert "timed out after 1 s on answer '9**9**9**9'" in message
     assert rewards == [1.0, 0.0, 1.0]  # the job after the timeout goes to a fresh worker
     assert verifier_stats() == VerifierStats(calls=3, timeouts=1, errors=0)
     assert metrics == {"countdown_accuracy/timeout_frac": 1 / 3, "countdown_accuracy/error_frac": 0.0}
@@ -405,7 +409,8 @@ def test_reward_arguments_and_pickle():
     for bad in (0, -1.0, float("inf"), "5"):
         with pytest.raises(ValueError, match="timeout"):
             make_gym_reward("chain_sum", timeout=bad)
-    with pytest.raises(ValueError, match="num_workers"):
-        make_gym_reward("chain_sum", num_workers=0)
+    for bad in (0, True, 1.5, "2"):
+        with pytest.raises(ValueError, match="num_workers"):
+            make_gym_reward("chain_sum", num_workers=bad)
     with pytest.raises(ValueError, match="metadata of row 0 is not a JSON string"):
         reward(["<answer>7</answer>"], answer=["7"], metadata=["{not json"])

@@ -1,12 +1,15 @@
 """A verifier job that overruns its deadline gets its worker subprocess killed, not just abandoned.
 
 A worker stuck on ``9**9**9**9`` never returns; left alive it burns a core for good (re-parented to init
-when the trainer exits). The processes are observed from outside, through /proc: the verifier's
-children before and after a timeout.
+when the trainer exits). The pool's other promises about its processes are checked here too: the default
+verifiers share one worker, kept between calls; a batch is spread over the workers; shutdown stops the idle
+ones, even one that will not exit. The processes are observed from outside, through /proc: the verifier's
+children before and after each step.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -21,6 +24,7 @@ from pacsrl.rewards import (
     shutdown_workers,
     verify_answer,
 )
+from pacsrl.rewards.gym import make_gym_reward
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
 
@@ -116,6 +120,13 @@ def test_the_default_verifiers_share_one_worker_and_keep_it(no_leaked_workers):
     reward = make_math_reward()
     assert reward([r"\boxed{1}", r"\boxed{2}", r"\boxed{3}"], answer=["1", "5", "3"]) == [1.0, 0.0, 1.0]
     assert find_unparseable_gold(["3", "}{"]) == [(1, "}{")]
+    assert _workers() == {first}
+    # so do the gym scorers, by default: 3 + 4 = 7, not 8
+    entry = {"question": "3 + 4 =", "answer": "7", "metadata": {"expression": "3 + 4"}}
+    assert score_gym_answers("chain_sum", ["7", "8"], [entry] * 2) == [(1.0, "ok"), (0.0, "ok")]
+    gym_reward = make_gym_reward("chain_sum")
+    columns = {"answer": ["7", "7"], "metadata": [json.dumps(entry["metadata"])] * 2}
+    assert gym_reward(["<answer>7</answer>", "<answer>8</answer>"], **columns) == [1.0, 0.0]
     assert _workers() == {first}
 
 
