@@ -399,6 +399,7 @@ def test_reward_arguments_and_pickle():
     assert gym_module.make_gym_reward is make_gym_reward  # still importable from pacsrl.data.gym
     reward = make_gym_reward("chain_sum", timeout=2.0, num_workers=2)
     assert isinstance(reward, GymReward) and reward.timeout == 2.0
+    assert repr(reward) == "GymReward(task='chain_sum', timeout=2.0, num_workers=2)"
     clone = pickle.loads(pickle.dumps(reward))
     assert clone.__name__ == "chain_sum_accuracy"
     # 3 + 4 = 7 in both rows; spread over two workers, order kept

@@ -6,9 +6,12 @@ a completion, or math-verify's fallback when it has no box.
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 import os
 import pickle
+import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 import pacsrl.rewards._pool as pool_module
+import pacsrl.rewards._worker as worker_module
+import pacsrl.rewards.gym as gym_module
 import pacsrl.rewards.math as math_module
 from pacsrl.rewards import (
     VerifierStats,
@@ -28,6 +33,7 @@ from pacsrl.rewards import (
     verifier_stats,
     verify_answer,
 )
+from pacsrl.rewards.auto import make_auto_reward
 
 CORRECTED = (
     r"First \boxed{3}. Hmm, that contradicts the second condition, so let us redo the computation "
@@ -222,6 +228,9 @@ def test_find_unparseable_gold():
 def test_name_and_pickle():
     assert math_reward.__name__ == "math_reward"
     assert make_math_reward().__name__ == "math_reward"  # the default name, as TRL logs it
+    assert repr(make_math_reward(timeout=2.0, name="m")) == (
+        "MathReward(name='m', timeout=2.0, num_workers=1, max_chars=10000)"
+    )
     custom = make_math_reward(timeout=2.0, name="math_acc")
     assert custom.__name__ == "math_acc"
     clone = pickle.loads(pickle.dumps(custom))
@@ -385,6 +394,31 @@ def test_forked_child_gets_its_own_worker():
     assert verify_answer(r"\boxed{2}", "2")  # the parent's worker still works
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_child_gets_fresh_locks():
+    # another thread may hold the verifiers' locks at the fork (here this one does): the child must get
+    # fresh ones, not copies held forever
+    assert verify_answer(r"\boxed{2}", "2")
+    locks = [pool_module._POOLS_LOCK, pool_module._STATS._lock, gym_module._ERRORS._lock]
+    for lock in locks:
+        lock.acquire()
+    try:
+        pid = os.fork()
+        if pid == 0:  # child: whatever happens, it must end here (never return into pytest)
+            code = 1
+            try:
+                signal.alarm(60)  # a lock inherited held would hang the child: end it instead
+                ok = verify_answer(r"\boxed{3}", "3") and gym_module._ERRORS.add("forked child") == 1
+                code = 0 if ok else 1
+            finally:
+                os._exit(code)
+    finally:
+        for lock in locks:
+            lock.release()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
 def test_worker_killed_while_idle_is_replaced():
     assert verify_answer(r"\boxed{2}", "2")  # make sure an idle worker exists
     pool = pool_module.get_pool(1)
@@ -416,6 +450,75 @@ def test_worker_that_cannot_start_raises_a_clear_error(monkeypatch):
     reward = make_math_reward(num_workers=3)  # a pool of its own, with no worker started yet
     with pytest.raises(RuntimeError, match="did not start"):
         reward([r"\boxed{1}"], answer=["1"])
+
+
+class _Trickle(io.RawIOBase):
+    """A stream that hands out at most 3 bytes per read, as a pipe may."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = io.BytesIO(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        return self._data.read(min(n, 3) if n >= 0 else 3)
+
+
+def test_worker_messages_survive_short_reads_and_a_cut_ends_them():
+    first = {
+        "op": "verify",
+        "pred": "\\boxed{\\frac{1}{2}}",
+        "gold": "0.5 \u00e9",
+    }  # non-ASCII travels escaped
+    second = {"op": "gold", "gold": "3"}
+    out = io.BytesIO()
+    worker_module.write_message(out, first)
+    worker_module.write_message(out, second)
+    data = out.getvalue()
+    # each message: a 4-byte big-endian length, then that many bytes of JSON
+    assert int.from_bytes(data[:4], "big") == len(json.dumps(first)) and data[4:5] == b"{"
+    stream = _Trickle(data)
+    assert worker_module.read_message(stream) == first
+    assert worker_module.read_message(stream) == second
+    assert worker_module.read_message(stream) is None  # EOF
+    # a message cut short (its writer died) reads as EOF, in the header or in the payload
+    assert worker_module.read_message(_Trickle(data[:2])) is None
+    assert worker_module.read_message(_Trickle(data[:10])) is None
+    assert worker_module.read_message(_Trickle(b"")) is None
+
+
+def test_auto_reward_scores_each_row_by_its_source():
+    auto = make_auto_reward(timeout=3.0)
+    meta = json.dumps({"expression": "4 + 9"})
+    # each completion holds a box and an answer tag that disagree: its score shows which verifier read it
+    completions = [
+        r"\boxed{7} <answer>8</answer>",  # math500: math-verify reads the box, 7 (right)
+        r"\boxed{12} <answer>13</answer>",  # gym:chain_sum: the task's scorer reads the tag, 4 + 9 = 13 (right)
+        r"\boxed{5} <answer>6</answer>",  # aime, another math source: the box, 5 (right)
+        r"\boxed{8} <answer>9</answer>",  # math500: the box, 8 (wrong)
+    ]
+    calls = []
+    scores = auto(
+        prompts=["p0", "p1", "p2", "p3"],
+        completions=completions,
+        answer=["7", "13", "5", "9"],
+        source=["math500", "gym:chain_sum", "aime", "math500"],
+        metadata=[meta] * 4,
+        question=["", "4 + 9 =", "", ""],
+        trainer_state=None,
+        log_metric=lambda name, value: calls.append((name, value)),
+    )
+    assert scores == [1.0, 1.0, 1.0, 0.0]
+    # one call per scorer, whatever the number of sources (each reward logs its metrics once per call)
+    expected = [("chain_sum_accuracy/error_frac", 0.0), ("chain_sum_accuracy/timeout_frac", 0.0)]
+    assert sorted(calls) == [*expected, ("math_reward/timeout_frac", 0.0)]
+    # the scorers get the reward's timeout; every non-gym source shares the one math scorer
+    assert auto.scorer("math500") is auto.scorer("aime") and auto.scorer("math500").timeout == 3.0
+    assert auto.scorer("gym:chain_sum").timeout == 3.0 and auto.scorer("gym:chain_sum").task == "chain_sum"
+    assert make_auto_reward().scorer("gsm8k").timeout == 5.0  # the verifiers' default, 5 s per check
+    with pytest.raises(ValueError, match="2 completions but 1 sources"):
+        auto(completions=completions[:2], source=["aime"], answer=["7", "13"])
 
 
 def _chain_sum_entry(expression: str, gold: str) -> dict:
