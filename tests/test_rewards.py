@@ -521,6 +521,15 @@ def test_auto_reward_scores_each_row_by_its_source():
         auto(completions=completions[:2], source=["aime"], answer=["7", "13"])
 
 
+def test_preview_keeps_the_tail_of_a_long_text():
+    preview = pool_module.preview
+    digits = "".join(str(i % 10) for i in range(100))  # 0123456789 0123...
+    assert preview(digits[:80]) == "'" + digits[:80] + "'"  # 80 characters: whole
+    assert preview(digits[:81]) == "'..." + digits[1:81] + "'"  # 81: "..." and the last 80
+    assert preview(digits) == "'..." + digits[20:] + "'"
+    assert preview(digits, n=5) == "'...56789'"
+
+
 def _chain_sum_entry(expression: str, gold: str) -> dict:
     return {"question": f"{expression} =", "answer": gold, "metadata": {"expression": expression}}
 
@@ -547,4 +556,24 @@ def test_score_gym_answers_bad_arguments():
     # a scorer the worker cannot build is an environment error, not a 0.0
     with pytest.raises(RuntimeError, match="could not set up 'gym:no_such_task'.*not registered"):
         score_gym_answers("no_such_task", ["1"], [{}])
+    assert verifier_stats() == VerifierStats()
+
+
+@pytest.mark.parametrize("failure", [pool_module.WorkerDied, pool_module.JobTimeout])
+def test_a_worker_that_dies_or_hangs_while_setting_up_a_scorer_is_an_error(monkeypatch, failure):
+    request = pool_module.Worker.request
+
+    def fail_setup(self, message, timeout):
+        if message["op"] == "gym_load":
+            raise failure("in the test")
+        return request(self, message, timeout)
+
+    monkeypatch.setattr(pool_module.Worker, "request", fail_setup)
+    monkeypatch.setattr(pool_module, "_POOLS", {})  # a fresh worker, which has not set up chain_sum yet
+    try:
+        # an environment problem, raised (never scored 0.0), naming what went wrong
+        with pytest.raises(RuntimeError, match=f"could not set up 'gym:chain_sum': {failure.__name__}"):
+            score_gym_answers("chain_sum", ["7"], [_chain_sum_entry("3 + 4", "7")])
+    finally:
+        pool_module.shutdown_workers()
     assert verifier_stats() == VerifierStats()
