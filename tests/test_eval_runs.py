@@ -97,6 +97,82 @@ def _lines(path: Path) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------------------
+# Datasets: one row of results per dataset given
+
+
+@pytest.mark.parametrize(
+    ("spec", "name"),
+    [
+        ("math500", "math500"),  # a benchmark by name
+        ("aime24=raw/aime_2024.jsonl", "aime24"),  # a benchmark prepared from a local file: its name
+        ("aime24=runs/lr=1e-6/aime.jsonl", "aime24"),  # ... whose path holds "=" too
+        ("data/chain_sum_hard.parquet", "chain_sum_hard"),  # a prepared file: its stem
+        ("data/held_out.jsonl", "held_out"),
+        ("data/held_out.json", "held_out"),
+        ("data/Held_Out.JSONL", "Held_Out"),  # the suffix in any case
+        ("runs/lr=1e-6/test.jsonl", "test"),  # a prepared file whose path holds "=" (no benchmark "runs/lr")
+    ],
+)
+def test_dataset_names_in_the_results(spec, name):
+    from pacsrl.eval.run import dataset_name
+
+    assert dataset_name(spec) == name
+
+
+def _rows(*pairs: tuple[str, str]) -> list[dict]:
+    return [_problem(question, source) for question, source in pairs]
+
+
+def test_resolve_problems_names_each_datasets_rows_and_keeps_ids_apart(monkeypatch):
+    from pacsrl.eval.rollouts import problem_ids
+    from pacsrl.eval.run import resolve_problems
+
+    files = {
+        "data/mix.jsonl": _rows(("a1", "alpha"), ("g1", "gamma"), ("b1", "beta"), ("a2", "alpha")),
+        "data/more.jsonl": _rows(("a1", "alpha"), ("b2", "beta")),  # "a1" of alpha is in mix.jsonl too
+        "math500": _rows(("m1", "math500"), ("m2", "math500"), ("m3", "math500"), ("m4", "math500")),
+        "data/solo.jsonl": _rows(("s1", "alpha")),  # one source, named after the file
+    }
+    asked = []
+
+    def resolve_dataset(spec, limit=None):
+        asked.append((spec, limit))
+        return files[spec][:limit]
+
+    monkeypatch.setattr("pacsrl.data.resolve_dataset", resolve_dataset)
+    problems = resolve_problems(list(files), limit=3)
+    assert asked == [(spec, 3) for spec in files]  # the limit applies to each dataset
+    got = [(p["prompt"][0]["content"], p["dataset"]) for p in problems]
+    assert got == [
+        # a file that mixes sources: a source no other dataset has keeps its name, a shared one is prefixed
+        ("a1", "mix/alpha"), ("g1", "gamma"), ("b1", "mix/beta"),  # "a2" is past the limit
+        ("a1", "more/alpha"), ("b2", "more/beta"),
+        ("m1", "math500"), ("m2", "math500"), ("m3", "math500"),  # one source: the dataset's name
+        ("s1", "solo"),
+    ]  # fmt: skip
+    for p in problems:
+        (base,) = problem_ids([p["source"]], [p["prompt"]])
+        # a row named other than its source carries that name in its id, so the two "a1" stay apart
+        assert p["id"] == (base if p["dataset"] == p["source"] else f"{base}@{p['dataset']}")
+    assert len({p["id"] for p in problems}) == len(problems)
+
+
+@pytest.mark.parametrize(
+    "specs", [["data/x.jsonl", "other/x.parquet"], ["aime24=a.jsonl", "aime24=b.jsonl", "y.json"]]
+)
+def test_resolve_problems_refuses_two_datasets_of_one_name(specs, monkeypatch):
+    from pacsrl.eval.run import resolve_problems
+
+    def resolve_dataset(spec, limit=None):
+        raise AssertionError("refused before any dataset is read")
+
+    monkeypatch.setattr("pacsrl.data.resolve_dataset", resolve_dataset)
+    twice = "x" if "y.json" not in specs else "aime24"
+    with pytest.raises(ValueError, match=rf"--datasets names {twice} more than once"):
+        resolve_problems(specs)
+
+
+# --------------------------------------------------------------------------------------------------
 # Resume
 
 

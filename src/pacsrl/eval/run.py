@@ -138,9 +138,14 @@ def resolve_reward(reward: str | RewardFn) -> RewardFn:
 
 def dataset_name(spec: str) -> str:
     """The name of a ``--datasets`` argument in tables: a benchmark's name (``math500``, ``aime24=FILE``), or
-    a prepared file's stem (``data/chain_sum_hard.parquet`` -> ``chain_sum_hard``)."""
-    name = spec.split("=", 1)[0] if "=" in spec else spec
-    return Path(name).stem if Path(name).suffix.lower() in (".parquet", ".jsonl", ".json") else name
+    a prepared file's stem (``data/chain_sum_hard.parquet`` -> ``chain_sum_hard``), read as
+    ``pacsrl.data.resolve_dataset`` reads the spec (a file's path may hold ``=``: ``runs/lr=1e-6/test.jsonl``)."""
+    from pacsrl.data import PREPARERS
+
+    name, sep, _ = spec.partition("=")
+    if sep and name in PREPARERS:
+        return name
+    return Path(spec).stem if Path(spec).suffix.lower() in (".parquet", ".jsonl", ".json") else spec
 
 
 def resolve_problems(specs: Sequence[str], limit: int | None = None) -> list[dict[str, Any]]:
