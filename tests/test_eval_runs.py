@@ -502,6 +502,33 @@ def test_rescore_uses_the_runs_own_scorer_unless_told_otherwise(tmp_path, monkey
     (run / "settings.json").write_text(json.dumps({"name": "r"}))
     assert recompute(run, rescore=True).metrics["all"]["pass@1"] == pytest.approx(1 / 3)
     assert scores() == [1.0, 0.0, 0.0]
+    assert json.loads((run / "settings.json").read_text())["reward"] == "math"  # the spec, as given
+    # a scorer without a __name__ (a callable object) is recorded by its repr
+    recompute(run, rescore=True, reward=PartialCredit(0.25))
+    assert scores() == [0.25, 0.25, 0.25]
+    assert json.loads((run / "settings.json").read_text())["reward"] == f"{__name__}:PartialCredit(0.25)"
+
+
+class PartialCredit:
+    """A scorer object, as a user might write one: no ``__name__``."""
+
+    def __init__(self, credit: float) -> None:
+        self.credit = credit
+
+    def __call__(self, completions, **kwargs):
+        return [self.credit] * len(completions)
+
+    def __repr__(self) -> str:
+        return f"PartialCredit({self.credit})"
+
+
+@pytest.mark.parametrize("change", [{"threshold": 0.5}, {"rescore": True, "reward": half}])
+def test_recompute_refuses_a_k_beyond_n_before_rewriting_anything(change, tmp_path):
+    run = _write_run(tmp_path / "run", "r", {"s": [[1, 0, 0, 0]]})  # n = 4
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    with pytest.raises(ValueError, match=r"every k must be in \[1, 4\]"):
+        recompute(run, ks=[8], **change)
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
 
 
 def test_compare_uses_the_ks_asked_for_and_writes_its_folder(tmp_path):
@@ -515,6 +542,10 @@ def test_compare_uses_the_ks_asked_for_and_writes_its_folder(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["comparison.json", "comparison.md", "comparison.png"]
     saved = json.loads((out / "comparison.json").read_text())
     assert saved["r"]["run"] == str(run) and saved["r"]["ks"] == [1, 2, 4]  # default ks without --k
+    # the PNG at 120 dpi, as a run's own plot: one panel of 4.2 x 3.4 inches is 504 x 408 pixels
+    header = (out / "comparison.png").read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n" and header[12:16] == b"IHDR"
+    assert (int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")) == (504, 408)
 
 
 def test_a_folder_without_settings_reads_with_defaults(tmp_path):
