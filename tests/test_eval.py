@@ -140,6 +140,23 @@ def test_mean_at_n_and_default_ks():
     assert default_ks(12) == [1, 2, 4, 8, 12]
 
 
+def test_flatten_metrics_names_every_pass_and_mean_value():
+    group = {"num_problems": 3, "n": [2, 4], "mean@n": 0.5, "mean_score": 0.625, "pass@1": 0.5, "pass@2": 1}
+    metrics = {"ks": [1, 2], "threshold": 1.0, "sources": {"alpha": group, "beta": {**group, "pass@1": 0.25}},
+               "all": {**group, "mean@n": 0.4}}  # fmt: skip
+    flat = flatten_metrics(metrics, prefix="val")
+    per_group = {"mean@n": 0.5, "mean_score": 0.625, "pass@1": 0.5, "pass@2": 1.0}  # not num_problems, not n
+    assert flat == {
+        **{f"val/alpha/{k}": v for k, v in per_group.items()},
+        **{f"val/beta/{k}": v for k, v in {**per_group, "pass@1": 0.25}.items()},
+        **{f"val/all/{k}": v for k, v in {**per_group, "mean@n": 0.4}.items()},
+    }
+    assert all(type(v) is float for v in flat.values())  # an int pass@2 too, as loggers want
+    assert flatten_metrics(metrics) == {
+        "eval/" + key.removeprefix("val/"): v for key, v in flat.items()
+    }  # default
+
+
 def test_compute_metrics_per_source_and_overall():
     records = [
         {"source": "a", "scores": [1, 0, 0, 0]},  # pass@1 = 1/4, pass@2 = 1/2

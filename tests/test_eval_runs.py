@@ -173,6 +173,161 @@ def test_resolve_problems_refuses_two_datasets_of_one_name(specs, monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------------
+# In memory, and saved as a run folder (a stand-in for the model's sampler: no model is loaded)
+
+
+@pytest.fixture
+def stand_in_hf_sampler(monkeypatch):
+    """Make ``evaluate_model`` sample with a ``SeededSampler``; returns it and the HFSampler arguments."""
+    sampler, made = SeededSampler(), []
+
+    def hf_sampler(*args, **kwargs):
+        made.append((args, kwargs))
+        return sampler
+
+    monkeypatch.setattr("pacsrl.eval.run.HFSampler", hf_sampler)
+    return sampler, made
+
+
+def _expected_metrics(records, ks, threshold):
+    """pass@k per problem from exact rationals, averaged; grouped by source and over all."""
+    groups = {}
+    for r in records:
+        groups.setdefault(r["source"], []).append(r)
+    groups["all"] = list(records)
+    out = {}
+    for name, group in groups.items():
+        per = [(len(r["scores"]), sum(s >= threshold for s in r["scores"])) for r in group]
+        out[name] = {f"pass@{k}": sum(_exact(n, c, k) for n, c in per) / len(per) for k in ks}
+    return out
+
+
+def test_in_memory_evaluation_samples_scores_and_records_its_settings(
+    stand_in_hf_sampler, tmp_path, monkeypatch
+):
+    from pacsrl.eval import evaluate_model
+
+    monkeypatch.chdir(tmp_path)
+    sampler, made = stand_in_hf_sampler
+    model, tokenizer = object(), object()
+    result = evaluate_model(
+        model, tokenizer, PROBLEMS, n=3, ks=[3, 1], temperature=0.7, top_p=0.8, max_new_tokens=5,
+        batch_size=6, seed=7, reward_fn=even_first_digit, threshold=1.0, name="policy", progress=False,
+    )  # fmt: skip
+    assert list(tmp_path.iterdir()) == []  # nothing written
+    assert made == [
+        ((model, tokenizer), {"temperature": 0.7, "top_p": 0.8, "max_new_tokens": 5, "batch_size": 6, "progress": False})
+    ]  # fmt: skip
+    # chunks of batch_size // n = 2 problems, the seed advanced by the problems before each chunk
+    assert sampler.calls == [(7, ["a1", "a2"]), (9, ["a3", "b1"]), (11, ["b2"])]
+    assert [r["prompt"][0]["content"] for r in result.records] == ["a1", "a2", "a3", "b1", "b2"]
+    for r, p in zip(result.records, PROBLEMS, strict=True):
+        assert (r["source"], r["answer"], r["prompt"]) == (p["source"], p["answer"], p["prompt"])
+        assert len(r["completions"]) == 3
+        assert r["scores"] == [float(int(c[0]) % 2 == 0) for c in r["completions"]]  # the rule again
+        assert r["num_correct"] == r["scores"].count(1.0)
+    scores = [s for r in result.records for s in r["scores"]]
+    assert 0 < sum(scores) < len(scores)  # mixed, so the checks below can fail
+    expected = _expected_metrics(result.records, [1, 3], 1.0)
+    assert result.metrics["ks"] == [1, 3]
+    for group, values in expected.items():
+        got = result.metrics["all"] if group == "all" else result.metrics["sources"][group]
+        assert {k: got[k] for k in values} == pytest.approx(values, abs=1e-12), group
+    assert result.name == "policy" and result.output_dir is None
+    assert result.settings == {
+        "model": "policy", "name": "policy", "n": 3, "temperature": 0.7, "top_p": 0.8, "max_new_tokens": 5,
+        "seed": 7, "threshold": 1.0, "reward": "even_first_digit",
+    }  # fmt: skip
+
+    # a scorer given as a spec is recorded as given; no seed samples every chunk unseeded; the threshold counts
+    sampler.calls.clear()
+    result = evaluate_model(
+        model, tokenizer, PROBLEMS[:2], n=3, batch_size=2, seed=None, reward_fn=f"{__name__}:half",
+        threshold=0.5, progress=False,
+    )  # fmt: skip
+    assert sampler.calls == [(None, ["a1"]), (None, ["a2"])]  # batch_size 2 < n: one problem per chunk
+    assert [r["num_correct"] for r in result.records] == [3, 3]  # 0.5 >= 0.5
+    assert result.metrics["all"]["pass@1"] == 1.0
+    assert (result.settings["reward"], result.settings["seed"], result.settings["threshold"]) == (
+        f"{__name__}:half",
+        None,
+        0.5,
+    )
+    # a scorer object without a __name__ is recorded by its repr
+    result = evaluate_model(model, tokenizer, PROBLEMS[:1], n=2, reward_fn=PartialCredit(0.5), progress=False)
+    assert result.settings["reward"] == "PartialCredit(0.5)" and result.records[0]["scores"] == [0.5, 0.5]
+
+
+def test_in_memory_evaluation_defaults(stand_in_hf_sampler, monkeypatch, capsys):
+    from pacsrl.eval import evaluate_model
+
+    sampler, made = stand_in_hf_sampler
+    specs = []
+
+    def resolve_reward(spec):
+        specs.append(spec)
+        return even_first_digit
+
+    monkeypatch.setattr("pacsrl.eval.run.resolve_reward", resolve_reward)
+    result = evaluate_model(None, None, PROBLEMS[:3])
+    assert specs == ["math"]  # the math verifier by default
+    assert made[0][1] == {"temperature": 0.6, "top_p": 0.95, "max_new_tokens": 4096, "batch_size": 64,
+                          "progress": False}  # fmt: skip
+    # n = 32, so chunks of 64 // 32 = 2 problems, from seed 0; pass@k for 1, 2, 4, ..., 32
+    assert sampler.calls == [(0, ["a1", "a2"]), (2, ["a3"])]
+    assert [len(r["completions"]) for r in result.records] == [32, 32, 32]
+    assert result.metrics["ks"] == [1, 2, 4, 8, 16, 32]
+    assert result.settings == {
+        "model": "model", "name": "model", "n": 32, "temperature": 0.6, "top_p": 0.95, "max_new_tokens": 4096,
+        "seed": 0, "threshold": 1.0, "reward": "math",
+    }  # fmt: skip
+    assert "eval" in capsys.readouterr().err  # a progress bar by default
+
+
+def test_save_results_writes_a_run_folder_that_reads_back(stand_in_hf_sampler, tmp_path):
+    from pacsrl.eval import evaluate_model, save_results
+
+    result = evaluate_model(
+        object(), object(), PROBLEMS, n=4, seed=3, reward_fn=even_first_digit, progress=False
+    )
+    out = tmp_path / "new" / "run"  # its parent does not exist yet
+    for _ in range(2):  # a second save replaces the first
+        paths = save_results(result, out)
+    assert paths == {kind: out / name for kind, name in [("rollouts", "rollouts.jsonl"), ("metrics", "metrics.json"),
+                     ("table", "metrics.md"), ("plot", "pass_at_k.png")]}  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["rollouts.jsonl", "settings.json", "metrics.json", "metrics.md", "pass_at_k.png"]
+    )
+    assert result.output_dir == out
+    assert _lines(out / "rollouts.jsonl") == result.records  # each problem once
+    assert json.loads((out / "settings.json").read_text()) == result.settings
+    loaded = load_run(out)
+    assert loaded.name == "model" and loaded.records == result.records
+    expected = _expected_metrics(result.records, [1, 2, 4], 1.0)
+    assert {k: loaded.metrics["all"][k] for k in expected["all"]} == pytest.approx(expected["all"], abs=1e-12)
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["name"] == "model" and saved["settings"] == result.settings
+    assert {k: saved["all"][k] for k in expected["all"]} == pytest.approx(expected["all"], abs=1e-12)
+    assert (out / "metrics.md").read_text().splitlines()[0] == "| benchmark | model | problems | n | pass@1 | pass@2 | pass@4 |"  # fmt: skip
+    assert (out / "pass_at_k.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_default_run_folder_is_named_after_the_model(tmp_path, monkeypatch):
+    from pacsrl.eval.run import run_folder
+
+    checkpoint = tmp_path / "runs" / "checkpoint-500"
+    checkpoint.mkdir(parents=True)
+    monkeypatch.chdir(checkpoint)
+    default = Path("outputs") / "eval"
+    assert run_folder(EvalConfig(model="Qwen/Qwen2.5-Math-1.5B")) == default / "Qwen__Qwen2.5-Math-1.5B"
+    assert run_folder(EvalConfig(model="me/a + b_c")) == default / "me__a__b_c"  # a run of others: one "__"
+    assert run_folder(EvalConfig(model=".")) == default / "checkpoint-500"  # a local folder: its name
+    assert run_folder(EvalConfig(model="../checkpoint-500/")) == default / "checkpoint-500"
+    assert run_folder(EvalConfig(model="org/m", name="my run")) == default / "my__run"  # --name wins
+    assert run_folder(EvalConfig(model="org/m", output="elsewhere")) == Path("elsewhere")  # --output wins
+
+
+# --------------------------------------------------------------------------------------------------
 # Resume
 
 
