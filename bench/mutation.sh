@@ -11,7 +11,9 @@
 # bench/results/mutation/GROUP.md: counts, and every survivor's diff with the reason it is fine (harmless,
 # or killed by a test added since) where bench/mutation_survivors.tsv gives one. MAX_CHILDREN (default:
 # the number of cores) mutants are tested at once. A group's folder is kept: the next run copies the tree
-# over it and mutmut re-tests only the functions (and tests) that changed since; FRESH=1 starts over.
+# over it and mutmut re-tests only the functions whose source changed since, keeping every other verdict
+# (an interrupted run goes on where it stopped). After changing TESTS, run with FRESH=1: mutmut 3.8 keeps a
+# survivor's verdict even when a new test would now kill it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD

@@ -27,12 +27,11 @@ Settings (``STUDY``), the same for every method, and why:
   held-out pool of 1,024 problems that warm start never saw.
 - 150 optimizer steps (the issue's minimum) x 16 prompts x 8 completions, 2 optimizer steps per rollout, lr 3e-4
   constant (the demo's, one for every policy, not tuned; PPO's critic has its own, the demo's 3e-3). 16 prompts instead of the demo's 32, and the curve of 64 problems
-  x 64 samples every 25 steps, to fit the issue's ~4 hours on 2 cores: the demo's timings (README: 120 steps x 32
-  prompts in 164 s and 256 x 8 samples evaluated in 5 s, 2 threads) put one run near 7 minutes on one core, so
-  24 runs (3 methods x 8 seeds) plus RLOO and PPO's 16 near 2.5 hours at ``--jobs 2``. That is an estimate: the
-  first sitting ran on a machine shared with about six other sessions, where a run took several times longer
+  x 64 samples every 25 steps, to fit the issue's ~4 hours on 2 cores. The demo's timings predicted about 7
+  minutes per run on one core (2.5 hours in all); measured, a run takes 800-880 CPU-seconds (PPO about 1,100),
+  two runs at ``--jobs 2`` about 14 minutes on an idle machine, so the whole study is about 5 hours
   (each record holds its wall and CPU seconds). A trial GRPO run of ``train_and_evaluate`` at these settings and
-  seed 0 there, stopped after step 75, read held-out pass@1 21.5% / 24.3% / 32.2% / 31.2% at steps 0 / 25 / 50 /
+  seed 0, stopped after step 75, read held-out pass@1 21.5% / 24.3% / 32.2% / 31.2% at steps 0 / 25 / 50 /
   75 (the 64 x 64 curve problems); whether GRPO has plateaued by step 150 is for the study's curves to show.
 
 Output (``--output``, default ``bench/results/study``): ``runs.jsonl`` (one line per finished run, appended;
