@@ -21,7 +21,7 @@ from pacsrl.rewards import (
     verifier_stats,
 )
 from pacsrl.rewards.completions import completion_text
-from pacsrl.rewards.gym import GymReward, extract_last_answer, make_gym_reward
+from pacsrl.rewards.gym import GymReward, extract_last_answer, make_gym_reward, score_gym_answers
 
 
 @pytest.fixture(autouse=True)
@@ -188,8 +188,13 @@ def test_completion_text():
     assert completion_text("abc") == "abc"
     assert completion_text([{"role": "assistant", "content": "x"}]) == "x"
     assert completion_text(({"role": "user", "content": "q"}, {"role": "assistant", "content": None})) == ""
-    parts = [_text("a"), {"type": "image_url"}, {"type": "text", "text": None}, _text("b")]
-    assert completion_text([{"role": "assistant", "content": parts}]) == "ab"
+    parts = [_text("a"), {"type": "image_url"}, "raw", {"type": "text", "text": None}, _text("b")]
+    assert completion_text([{"role": "assistant", "content": parts}]) == "ab"  # text parts only
+    # a list without an assistant message, whatever it holds, is refused, listing the roles it found
+    with pytest.raises(
+        ValueError, match=r"completion 0 has no assistant message \(roles: \['user', 'str'\]\)"
+    ):
+        completion_text([{"role": "user", "content": "q"}, "a bare string"])
 
 
 @pytest.mark.parametrize(
@@ -317,20 +322,61 @@ def test_scorer_errors_are_counted_and_logged(tmp_path, monkeypatch, caplog):
                 **_columns(["7"] * 6, ["3 + 4"] * 6),
                 log_metric=lambda name, value: metrics.__setitem__(name, value),
             )
+            # another task's errors are counted on their own: its first error is logged too
+            assert score_gym_answers(
+                "countdown", ["1"], [{"question": "", "answer": "1", "metadata": {}}]
+            ) == [(0.0, "error")]
     finally:
         pool_module.shutdown_workers()
     assert rewards == [0.0] * 6
-    assert verifier_stats() == VerifierStats(calls=5, timeouts=0, errors=5)  # the untagged one is not a job
+    assert verifier_stats() == VerifierStats(calls=6, timeouts=0, errors=6)  # the untagged one is not a job
     assert metrics == {"chain_sum_accuracy/timeout_frac": 0.0, "chain_sum_accuracy/error_frac": 5 / 6}
     warnings = [r.getMessage() for r in caplog.records if "scorer raised" in r.getMessage()]
     # rate-limited: logged at the 1st, 2nd and 4th error of the task, with the scorer's exception
-    assert len(warnings) == 3 and all("KeyError: 'expression'" in w for w in warnings)
+    assert len(warnings) == 4 and all("KeyError: 'expression'" in w for w in warnings)
+    assert "(1 countdown scorer errors so far" in warnings.pop()
     # each with the task's error count so far
     assert [re.search(r"\((\d+) chain_sum scorer errors so far", w).group(1) for w in warnings] == [
         "1",
         "2",
         "4",
     ]
+
+
+DYING_SCORER = """
+import os
+import reasoning_gym
+
+_get = reasoning_gym.get_score_answer_fn
+
+def _get_dying(task):
+    score = _get(task)
+    def scorer(answer, entry):
+        if answer == "die":  # the worker process dies (as on a crash in C code, or the OOM killer)
+            os._exit(3)
+        return score(answer, entry)
+    return scorer
+
+reasoning_gym.get_score_answer_fn = _get_dying
+"""
+
+
+def test_a_worker_dying_mid_batch_scores_that_answer_zero_and_the_rest_go_on(tmp_path, monkeypatch, caplog):
+    (tmp_path / "sitecustomize.py").write_text(DYING_SCORER)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setattr(pool_module, "_POOLS", {})  # workers started with the patch, for this test alone
+    monkeypatch.setattr(rewards_gym_module, "_ERRORS", rewards_gym_module._ErrorCounts())
+    entry = {"question": "3 + 4 =", "answer": "7", "metadata": {"expression": "3 + 4"}}
+    try:
+        with caplog.at_level(logging.WARNING, logger="pacsrl.rewards.gym"):
+            results = score_gym_answers("chain_sum", ["7", "die", "8", "7"], [entry] * 4)
+    finally:
+        pool_module.shutdown_workers()
+    # 3 + 4 = 7; the death is an error (0.0), not a timeout; the answers after it go to a fresh worker
+    assert results == [(1.0, "ok"), (0.0, "error"), (0.0, "ok"), (1.0, "ok")]
+    assert verifier_stats() == VerifierStats(calls=4, timeouts=0, errors=1)
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "answer 'die'" in warning and "worker died" in warning
 
 
 @pytest.mark.parametrize(

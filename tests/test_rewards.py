@@ -6,14 +6,19 @@ a completion, or math-verify's fallback when it has no box.
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import logging
 import os
 import pickle
 import signal
+import struct
 import sys
+import termios
+import threading
 import time
+import types
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -486,6 +491,49 @@ def test_worker_messages_survive_short_reads_and_a_cut_ends_them():
     assert worker_module.read_message(_Trickle(data[:2])) is None
     assert worker_module.read_message(_Trickle(data[:10])) is None
     assert worker_module.read_message(_Trickle(b"")) is None
+
+
+def test_worker_answers_are_read_whole_from_short_reads():
+    # the parent's reader (Worker._receive) on a pipe this test writes, a few bytes at a time, each piece
+    # read before the next is written (as a loaded machine may deliver a message)
+    read_end, write_end = os.pipe()
+    worker = pool_module.Worker.__new__(pool_module.Worker)  # no subprocess: only its reader is tested
+    worker.proc = types.SimpleNamespace(stdout=os.fdopen(read_end, "rb", buffering=0), poll=lambda: 3)
+    message = {"ok": True, "note": "x" * 20}
+    payload = json.dumps(message).encode()
+    data = len(payload).to_bytes(4, "big") + payload
+    pieces = [data[:3], data[3:6]] + [data[i : i + 5] for i in range(6, len(data), 5)]
+
+    def trickle():
+        for piece in pieces:
+            os.write(write_end, piece)
+            deadline = time.monotonic() + 10
+            while _unread(read_end) and time.monotonic() < deadline:
+                time.sleep(0.001)
+
+    writer = threading.Thread(target=trickle, daemon=True)
+    writer.start()
+    try:
+        assert worker.receive(30.0) == message
+        writer.join()
+        with pytest.raises(pool_module.JobTimeout):  # nothing more comes within the deadline
+            worker.receive(0.05)
+        os.write(write_end, data[:7])  # a message cut off by the worker's death
+        os.close(write_end)
+        with pytest.raises(pool_module.WorkerDied, match="exit code 3"):
+            worker.receive(5.0)
+    finally:
+        worker.proc.stdout.close()
+        if not writer.is_alive():
+            try:
+                os.close(write_end)
+            except OSError:
+                pass
+
+
+def _unread(fd: int) -> int:
+    """Bytes waiting in the pipe whose read end is ``fd``."""
+    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
 
 
 def test_auto_reward_scores_each_row_by_its_source():

@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -136,6 +138,73 @@ def test_a_batch_is_spread_over_the_workers(no_leaked_workers):
     reward = make_math_reward(num_workers=2)
     assert reward([r"\boxed{1}", r"\boxed{2}"], answer=["1", "1"]) == [1.0, 0.0]
     assert len(_workers()) == 2
+    # so are gym answers, in two contiguous chunks
+    shutdown_workers()
+    entry = {"question": "3 + 4 =", "answer": "7", "metadata": {"expression": "3 + 4"}}
+    assert score_gym_answers("chain_sum", ["8", "7"], [entry] * 2, num_workers=2) == [
+        (0.0, "ok"),
+        (1.0, "ok"),
+    ]
+    assert len(_workers()) == 2
+
+
+def _at_once(n: int) -> dict[int, bool]:
+    """verify_answer from n threads at once (daemon threads, so that a pool that never frees a place fails
+    the test instead of hanging it); {i: answer} for the calls that returned."""
+    results = {}
+    threads = [
+        threading.Thread(
+            target=lambda i=i: results.update({i: verify_answer(rf"\boxed{{{i}}}", str(i))}), daemon=True
+        )
+        for i in range(n)
+    ]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 120
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return results
+
+
+def test_a_pool_never_runs_more_workers_than_its_size(no_leaked_workers):
+    # verify_answer's pool has one place. A worker that died while idle, a timeout and a worker that could
+    # not start each free their place exactly once: never a second worker, never a place lost for good.
+    assert verify_answer(r"\boxed{2}", "2")
+    (first,) = _workers()
+    os.kill(first, signal.SIGKILL)  # dies while idle
+    deadline = time.monotonic() + 30
+    while _running(first) and time.monotonic() < deadline:  # dead before the next job looks at it
+        time.sleep(0.01)
+    assert _at_once(6) == dict.fromkeys(range(6), True)
+    assert len(_workers()) == 1
+    assert _within(120, verify_answer, TOWER, "1", 1.0) is False  # times out: its worker is killed
+    assert _at_once(6) == dict.fromkeys(range(6), True)
+    assert len(_workers()) == 1
+
+
+def test_a_worker_that_cannot_start_frees_its_place(no_leaked_workers, monkeypatch):
+    monkeypatch.setattr(sys, "executable", "/bin/false")
+    with pytest.raises(RuntimeError, match="did not start"):
+        verify_answer(r"\boxed{1}", "1")
+    monkeypatch.undo()
+    assert _at_once(4) == dict.fromkeys(range(4), True)
+    assert len(_workers()) == 1
+
+
+def test_a_worker_does_not_inherit_the_parents_open_files(no_leaked_workers):
+    # a descriptor the parent made inheritable (a pipe's write end here) must not be held open by the worker:
+    # the pipe's reader would never see EOF while the worker lives
+    read_end, write_end = os.pipe()
+    os.set_inheritable(write_end, True)
+    try:
+        assert verify_answer(r"\boxed{2}", "2")
+        (worker,) = _workers()
+        pipe = os.readlink(f"/proc/self/fd/{write_end}")  # "pipe:[inode]"
+        held = {os.readlink(fd) for fd in Path(f"/proc/{worker}/fd").iterdir()}
+        assert pipe not in held
+    finally:
+        os.close(read_end)
+        os.close(write_end)
 
 
 def test_shutdown_stops_idle_workers_even_one_that_will_not_exit_and_they_restart(no_leaked_workers):
