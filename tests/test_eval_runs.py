@@ -328,6 +328,50 @@ def test_default_run_folder_is_named_after_the_model(tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------------
+# Problem ids and the rollouts file's format
+
+
+def test_problem_ids_are_pinned_so_old_run_folders_still_resume():
+    import hashlib
+
+    from pacsrl.eval.rollouts import problem_ids
+
+    prompt = [{"role": "user", "content": "Résumé?"}]
+    # the hash of (source, prompt) as canonical JSON, written out by hand: keys sorted, text as UTF-8
+    canonical = '["alpha", [{"content": "Résumé?", "role": "user"}]]'
+    base = hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+    other = hashlib.sha256('["beta", [{"content": "Résumé?", "role": "user"}]]'.encode()).hexdigest()[:16]
+    ids = problem_ids(["alpha", "beta", "alpha", "alpha"], [prompt] * 4)
+    assert ids == [base, other, f"{base}#2", f"{base}#3"]  # a repeat gets #k, the source tells two apart
+    with pytest.raises(ValueError):
+        problem_ids(["alpha", "beta"], [prompt])  # one prompt per source, never a silent cut
+
+
+def test_dataset_problems_ids_columns_and_missing_columns():
+    from pacsrl.eval.run import dataset_problems
+
+    rows = [{**_problem("q", "alpha"), "level": 3}, {**_problem("q", "beta"), "level": 5}]
+    problems = dataset_problems(rows)
+    assert [p["columns"] for p in problems] == [
+        {"level": 3},
+        {"level": 5},
+    ]  # the other columns, for the scorer
+    assert all("#" not in p["id"] for p in problems)  # one prompt under two sources: two problems, no repeat
+    assert problems[0]["id"] != problems[1]["id"]
+    with pytest.raises(ValueError, match=r"row 1 lacks column\(s\) \['source'\]"):
+        dataset_problems([_problem("q", "alpha"), {"prompt": "p", "answer": "1"}])
+
+
+def test_rollouts_store_text_as_utf8_not_escapes(tmp_path):
+    record = {"id": "1", "source": "s", "prompt": "p", "answer": "½", "completions": ["é"], "scores": [1.0]}
+    append_rollout(tmp_path / "appended.jsonl", record)
+    write_rollouts(tmp_path / "rewritten.jsonl", [record])
+    for name in ("appended.jsonl", "rewritten.jsonl"):  # readable and greppable as written
+        data = (tmp_path / name).read_bytes()
+        assert "½".encode() in data and "é".encode() in data and b"\\u" not in data, name
+
+
+# --------------------------------------------------------------------------------------------------
 # Resume
 
 
@@ -627,6 +671,43 @@ def test_resolve_reward_specs_and_errors():
         resolve_reward("pacsrl.rewards.math:DEFAULT_MAX_CHARS")
 
 
+def test_resolve_reward_routes_auto_and_gym(monkeypatch):
+    from pacsrl.eval import resolve_reward
+
+    tasks = []
+
+    def make_gym_reward(task):
+        tasks.append(task)
+        return half
+
+    monkeypatch.setattr("pacsrl.rewards.auto.make_auto_reward", lambda: even_first_digit)
+    monkeypatch.setattr("pacsrl.rewards.gym.make_gym_reward", make_gym_reward)
+    assert resolve_reward("auto") is even_first_digit
+    assert resolve_reward("gym:basic_arithmetic") is half and tasks == ["basic_arithmetic"]
+
+
+def test_resolve_reward_searches_the_current_folder_first(tmp_path, monkeypatch):
+    import sys
+
+    from pacsrl.eval import resolve_reward
+
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    for folder in (here, elsewhere):
+        folder.mkdir()
+        (folder / "pacsrl_test_scorer.py").write_text(f"def where(**kwargs):\n    return {folder.name!r}\n")
+    monkeypatch.setattr(sys, "path", [str(elsewhere), *sys.path])  # a folder on the path before it
+    monkeypatch.chdir(here)
+    before = list(sys.path)
+    try:
+        assert resolve_reward("pacsrl_test_scorer:where")() == "here"  # as `python -m` would
+        assert sys.path == before  # the current folder was put on the path for the import only
+        del sys.modules["pacsrl_test_scorer"]
+        monkeypatch.setattr(sys, "path", [str(here), *before])  # already on the path: left there
+        assert resolve_reward("pacsrl_test_scorer:where")() == "here" and sys.path == [str(here), *before]
+    finally:
+        sys.modules.pop("pacsrl_test_scorer", None)
+
+
 def test_rescore_uses_the_runs_own_scorer_unless_told_otherwise(tmp_path, monkeypatch):
     (tmp_path / "scorers.py").write_text(
         "def even_first_digit(completions, answer, **kwargs):\n"
@@ -675,6 +756,17 @@ class PartialCredit:
 
     def __repr__(self) -> str:
         return f"PartialCredit({self.credit})"
+
+
+def test_recompute_uses_the_ks_asked_for(tmp_path):
+    run = _write_run(tmp_path / "run", "r", {"s": [[1, 0, 0, 0]]})  # pass@2 = 1 - C(3,2)/C(4,2) = 1/2
+    for change in ({}, {"threshold": 0.5}):
+        result = recompute(run, ks=[2], **change)
+        assert result.metrics["ks"] == [2] and result.metrics["all"]["pass@2"] == 0.5
+        assert json.loads((run / "metrics.json").read_text())["ks"] == [2]
+        assert (run / "metrics.md").read_text().splitlines()[
+            0
+        ] == "| benchmark | model | problems | n | pass@2 |"
 
 
 @pytest.mark.parametrize("change", [{"threshold": 0.5}, {"rescore": True, "reward": half}])
