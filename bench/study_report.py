@@ -246,11 +246,20 @@ def _band(
 
 
 def _line(
-    ax: Any, series: Sequence[Sequence[tuple[int, float]]], label: str, color: str, marker: str | None
+    ax: Any,
+    series: Sequence[Sequence[tuple[int, float]]],
+    label: str,
+    color: str,
+    marker: str | None,
+    bounds: tuple[float, float] = (-math.inf, math.inf),
 ) -> None:
+    """The mean over seeds and its 95% band, the band cut to ``bounds`` (a percentage's 0-100: with two seeds
+    the t-interval's half-width is 12.7 standard deviations)."""
     xs, means, lows, highs = _band(series)
     if xs:
         ax.plot(xs, means, color=color, label=f"{label} ({len(series)})", marker=marker, markersize=3)
+        lows = [max(v, bounds[0]) for v in lows]
+        highs = [min(v, bounds[1]) for v in highs]
         ax.fill_between(xs, lows, highs, color=color, alpha=0.15)
 
 
@@ -277,6 +286,7 @@ def plot_all(
                 name,
                 colors[name],
                 "o",
+                bounds=(0.0, 100.0),
             )
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(f"held-out {key} (%), curve problems")
