@@ -140,6 +140,28 @@ def test_mean_at_n_and_default_ks():
     assert default_ks(12) == [1, 2, 4, 8, 12]
 
 
+def test_mean_at_n_refuses_impossible_counts_naming_the_argument():
+    assert mean_at_n(1, 0) == 0.0 and mean_at_n([1, 2], [1, 1]) == 0.75  # n = 1 is allowed: (1 + 1/2) / 2
+    for n, c in [([4, 0], [1, 0]), ([4, 4], [1, -1]), ([4, 4], [1, 5])]:  # n < 1, c < 0, c > n: each alone
+        with pytest.raises(ValueError, match=r"need 0 <= c <= n and n >= 1"):
+            mean_at_n(n, c)
+    with pytest.raises(ValueError, match=r"^n must hold whole numbers"):
+        mean_at_n([2.5], [1])
+    with pytest.raises(ValueError, match=r"^c must hold whole numbers"):
+        mean_at_n([2], [0.5])
+
+
+def test_num_correct_and_group_metrics_fields():
+    from pacsrl.eval.metrics import num_correct
+
+    assert num_correct([1.0, 0.5, 1]) == 2  # the default threshold is 1.0
+    records = [{"source": "s", "scores": [1, 0]}, {"source": "s", "scores": [0.5, 0.5, 1, 0]}]
+    group = compute_metrics(records)["all"]
+    assert group["n"] == [2, 4]  # problems with different sample counts: the fewest and the most
+    assert group["mean_score"] == pytest.approx((0.5 + 0.5) / 2)  # mean of each problem's mean score
+    assert compute_metrics(records[:1])["all"]["n"] == 2
+
+
 def test_flatten_metrics_names_every_pass_and_mean_value():
     group = {"num_problems": 3, "n": [2, 4], "mean@n": 0.5, "mean_score": 0.625, "pass@1": 0.5, "pass@2": 1}
     metrics = {"ks": [1, 2], "threshold": 1.0, "sources": {"alpha": group, "beta": {**group, "pass@1": 0.25}},

@@ -371,6 +371,24 @@ def test_rollouts_store_text_as_utf8_not_escapes(tmp_path):
         assert "½".encode() in data and "é".encode() in data and b"\\u" not in data, name
 
 
+def test_read_rollouts_skips_an_empty_line_and_refuses_an_incomplete_record(tmp_path, caplog):
+    from pacsrl.eval.rollouts import read_rollouts
+
+    def line(i):
+        return json.dumps(
+            {"id": str(i), "source": "s", "prompt": "p", "answer": "1", "completions": ["x"], "scores": [1]}
+        )
+
+    path = tmp_path / "rollouts.jsonl"
+    path.write_text(line(1) + "\n\n" + line(2) + "\n")  # an empty line between two records
+    with caplog.at_level("WARNING"):
+        assert [r["id"] for r in read_rollouts(path)] == ["1", "2"]
+    assert caplog.records == []  # a clean file: nothing to warn about
+    path.write_text(line(1) + "\n" + json.dumps({"id": "2", "source": "s"}) + "\n" + line(3) + "\n")
+    with pytest.raises(ValueError, match=r"rollouts.jsonl:2: not a complete rollout record"):
+        read_rollouts(path)  # a JSON object without the required keys, not at the end: no crash made it
+
+
 # --------------------------------------------------------------------------------------------------
 # Resume
 
