@@ -162,6 +162,21 @@ def test_num_correct_and_group_metrics_fields():
     assert compute_metrics(records[:1])["all"]["n"] == 2
 
 
+def test_compute_metrics_rows_by_dataset_and_names_problems_without_samples():
+    records = [
+        {"source": "math", "dataset": "easy", "scores": [1, 1]},
+        {"source": "math", "dataset": "hard", "scores": [0, 0]},
+        {"source": "math", "scores": [1, 0]},  # no dataset: its source names its row
+    ]
+    metrics = compute_metrics(records, threshold=0.5)
+    pass1 = {name: group["pass@1"] for name, group in metrics["sources"].items()}
+    assert pass1 == {"easy": 1.0, "hard": 0.0, "math": 0.5}  # one source, three rows
+    assert metrics["threshold"] == 0.5
+    with pytest.raises(ValueError, match=r"2 problem\(s\) have no scored samples, e.g. \['p1', 2\]"):
+        compute_metrics([{"source": "s", "scores": [1]}, {"id": "p1", "source": "s", "scores": []},
+                         {"source": "s", "scores": []}])  # fmt: skip  # the id, else the row's index
+
+
 def test_flatten_metrics_names_every_pass_and_mean_value():
     group = {"num_problems": 3, "n": [2, 4], "mean@n": 0.5, "mean_score": 0.625, "pass@1": 0.5, "pass@2": 1}
     metrics = {"ks": [1, 2], "threshold": 1.0, "sources": {"alpha": group, "beta": {**group, "pass@1": 0.25}},

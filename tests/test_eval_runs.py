@@ -384,6 +384,8 @@ def test_read_rollouts_skips_an_empty_line_and_refuses_an_incomplete_record(tmp_
     with caplog.at_level("WARNING"):
         assert [r["id"] for r in read_rollouts(path)] == ["1", "2"]
     assert caplog.records == []  # a clean file: nothing to warn about
+    path.write_text(line(1) + "\n  ")  # spaces after the last newline (an editor's): not a record, no error
+    assert [r["id"] for r in read_rollouts(path)] == ["1"]
     path.write_text(line(1) + "\n" + json.dumps({"id": "2", "source": "s"}) + "\n" + line(3) + "\n")
     with pytest.raises(ValueError, match=r"rollouts.jsonl:2: not a complete rollout record"):
         read_rollouts(path)  # a JSON object without the required keys, not at the end: no crash made it
