@@ -54,6 +54,7 @@ cores=$(python -c "import os; print(len(os.sched_getaffinity(0)))")  # nproc wou
 # one torch thread per mutant: MAX_CHILDREN of them share the cores, and a child forked from a process whose
 # OpenMP pool has started hangs at its first parallel op (every mutant then "times out")
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+TEST_TIMEOUT=${TEST_TIMEOUT:-30}  # seconds for one test of one mutant (pytest-timeout, in the dev extra)
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false MPLBACKEND=Agg
 for group in "${groups[@]}"; do
     work=$root/.mutation/$group
@@ -74,11 +75,13 @@ for group in "${groups[@]}"; do
 source_paths = ["src"]
 only_mutate = [${MODULES[$group]}]
 pytest_add_cli_args_test_selection = [${TESTS[$group]}]
-pytest_add_cli_args = ["-p", "no:cacheprovider", "-m", "not slow and not gpu"$filter]
-# a mutant that hangs (a broken deadline in the verifier's pool) is stopped after 3 times its tests' unmutated
-# time (plus 5 s) and counted as caught; mutmut's default, 15 times, let one mutant hold a core for 20 minutes.
-# A machine busier than when the tests were timed can stretch a survivor past that: re-check the timeouts of a
-# run made beside other work (a changed multiplier re-runs only them)
+pytest_add_cli_args = ["-p", "no:cacheprovider", "-m", "not slow and not gpu", "--timeout=$TEST_TIMEOUT"$filter]
+# a mutant that hangs (a broken deadline in the verifier's pool) fails the test it hangs in after TEST_TIMEOUT
+# seconds (pytest-timeout; the slowest unmutated test takes about 12 s on a busy machine), and the run stops
+# there (-x): caught. mutmut's own limit, 3 times the mutant's tests' unmutated time plus 5 s, is the backstop
+# (a hang at exit); its default, 15 times, let one mutant hold a core for 20 minutes. A machine busier than
+# when the tests were timed can stretch a survivor past either: re-check the timeouts of a run made beside
+# other work (a changed multiplier re-runs only them)
 timeout_multiplier = 3.0
 timeout_constant = 5.0
 # the words of error, log and progress-bar messages are not behaviour: lines that start one are not mutated
