@@ -424,6 +424,67 @@ def test_forked_child_gets_fresh_locks():
     assert os.waitstatus_to_exitcode(status) == 0
 
 
+def test_after_fork_the_counters_get_fresh_locks_and_keep_their_counts():
+    # os.register_at_fork runs these in a forked child, where a tool that follows this process cannot see
+    # them (test_forked_child_gets_fresh_locks forks for real); here they run in this process: a lock held
+    # (by another thread) at the fork is replaced by a free one, and the counts so far are kept
+    stats = pool_module._StatsCounter()
+    stats.add(calls=2, errors=1)
+    errors = gym_module._ErrorCounts()
+    errors.add("chain_sum")
+    stats._lock.acquire()
+    errors._lock.acquire()
+    stats.after_fork_in_child()
+    errors.after_fork_in_child()
+    assert not stats._lock.locked() and not errors._lock.locked()  # (else the next add would hang)
+    assert stats.add(calls=1) == VerifierStats(calls=3, timeouts=0, errors=1)
+    assert errors.add("chain_sum") == 2 and errors.add("other") == 1
+
+
+def test_after_fork_the_pools_drop_the_parents_workers_and_locks(monkeypatch):
+    # the module's after-fork handler, on stand-in state so that this process's own pools are untouched: the
+    # child closes its copies of the parent's worker pipes without signalling the workers (a stand-in
+    # without kill() would raise), forgets them, and gets free locks for the pools and the counters
+    closed = []
+    parent_worker = types.SimpleNamespace(close_pipes=lambda: closed.append("pipes"))
+    pool = pool_module.WorkerPool(1)
+    pool._idle.append(parent_worker)
+    pool._live = 1
+    held = threading.Lock()
+    held.acquire()
+    stats = pool_module._StatsCounter()
+    stats._lock.acquire()
+    monkeypatch.setattr(pool_module, "_POOLS", {1: pool})
+    monkeypatch.setattr(pool_module, "_POOLS_LOCK", held)
+    monkeypatch.setattr(pool_module, "_STATS", stats)
+    pool_module._after_fork_in_child()
+    assert closed == ["pipes"]
+    assert pool._idle == [] and pool._live == 0
+    assert not pool_module._POOLS_LOCK.locked() and not stats._lock.locked()  # (else these would hang)
+    assert pool_module.get_pool(1) is pool
+    assert pool_module.count_job("error") == VerifierStats(calls=1, timeouts=0, errors=1)
+
+
+def test_a_new_pool_keeps_its_worker_between_jobs(monkeypatch):
+    # a pool built here (get_pool's may predate this test) with stand-in workers: the second and third jobs
+    # go to the worker started for the first, not to new ones (a real start costs about a second)
+    started = []
+
+    class StandIn:
+        def __init__(self):
+            self.proc = types.SimpleNamespace(poll=lambda: None)  # alive
+            started.append(self)
+
+        def request(self, message, timeout):
+            return {"ok": True, "worker": started.index(self)}
+
+    monkeypatch.setattr(pool_module, "Worker", StandIn)
+    pool = pool_module.WorkerPool(1)
+    answers = [pool.run({"op": "verify"}, timeout=1.0) for _ in range(3)]
+    assert answers == [{"ok": True, "worker": 0}] * 3
+    assert len(started) == 1
+
+
 def test_worker_killed_while_idle_is_replaced():
     assert verify_answer(r"\boxed{2}", "2")  # make sure an idle worker exists
     pool = pool_module.get_pool(1)

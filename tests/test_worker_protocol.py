@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import resource
+import signal
 import struct
+import tempfile
 import threading
+import warnings
 
 import pytest
 
@@ -115,3 +119,82 @@ def test_a_long_error_is_cut_to_500_characters_and_sent_as_ascii(monkeypatch):
     messages, _ = _serve([{"op": "gym_load", "task": "é" * 1000}], monkeypatch)  # _unframe decodes ASCII only
     error = messages[1]["error"]
     assert messages[1]["ok"] is False and len(error) == 500 and error.endswith("é" * 100)
+
+
+def test_output_a_library_prints_goes_to_stderr_not_to_the_answers(monkeypatch):
+    # a library that writes to fd 1 (print, or C code) must not corrupt the framed answers: the worker moves
+    # fd 1 onto stderr and answers on a private copy of the original stdout
+    import math_verify
+
+    real_verify = math_verify.verify
+
+    def noisy_verify(*args, **kwargs):
+        os.write(1, b"library noise\n")
+        return real_verify(*args, **kwargs)
+
+    monkeypatch.setattr(math_verify, "verify", noisy_verify)
+    saved_stderr = os.dup(2)
+    with tempfile.TemporaryFile() as stderr:
+        os.dup2(stderr.fileno(), 2)
+        try:
+            messages, _ = _serve([{"op": "verify", "pred": r"\boxed{2}", "gold": "2"}], monkeypatch)
+        finally:
+            os.dup2(saved_stderr, 2)
+            os.close(saved_stderr)
+        stderr.seek(0)
+        printed = stderr.read()
+    assert messages == [{"ready": True}, {"ok": True}]
+    assert printed.count(b"library noise\n") == 2  # the warm-up's check and the job's
+
+
+def test_a_box_outranks_every_other_anchor_and_an_unparseable_first_match_is_final(monkeypatch):
+    final_answer = r"The final answer is $3$. I hope it is correct. \boxed{4}"
+    requests = [
+        # math-verify's own top anchor ("final answer is ... I hope") loses to the box: 4, not 3
+        {"op": "verify", "pred": final_answer, "gold": "4"},
+        {"op": "verify", "pred": final_answer, "gold": "3"},
+        # no box: the answer the text states, "$)$", does not parse; that is the verdict, no other
+        # number of the text ($4$) is taken in its place
+        {"op": "verify", "pred": "the answer is $)$ or $4$", "gold": "4"},
+    ]
+    messages, _ = _serve(requests, monkeypatch)
+    assert messages == [{"ready": True}, {"ok": True}, {"ok": False}, {"ok": False}]
+
+
+def test_jobs_run_without_signal_timeouts(monkeypatch):
+    # the parent's deadline is the only one: math-verify's SIGALRM timeouts (5 s by default) would score a
+    # slow but right answer 0 before that deadline, and fail outside the main thread
+    alarms = []
+    monkeypatch.setattr(signal, "alarm", lambda seconds: alarms.append(seconds) or 0)
+    requests = [{"op": "verify", "pred": r"\boxed{\frac{3}{4}}", "gold": "0.75"}, {"op": "gold", "gold": "1"}]
+    messages, _ = _serve(requests, monkeypatch)
+    assert messages == [{"ready": True}, {"ok": True}, {"ok": True}]
+    assert alarms == []
+
+
+def test_math_verify_notices_are_silenced_and_no_other_warning(monkeypatch, caplog):
+    # with its timeouts off, math-verify's parser and grader each warn once per process; the worker hides
+    # those two notices (the parent enforces the deadline) but must not hide other libraries' warnings
+    from math_verify import grader, parser
+
+    monkeypatch.setattr(parser, "TIMEOUT_WARNING_SHOWN", False)  # as in a fresh worker process
+    monkeypatch.setattr(grader, "TIMEOUT_WARNING_SHOWN", False)
+    caplog.set_level(logging.WARNING)
+    for name in ("math_verify.parser", "math_verify.grader"):
+        caplog.set_level(logging.NOTSET, logger=name)  # restored after the test
+    _serve([{"op": "verify", "pred": r"\boxed{2}", "gold": "2"}], monkeypatch)
+    logging.getLogger("another.library").warning("still heard")
+    assert [(r.name, r.getMessage()) for r in caplog.records if r.levelno >= logging.WARNING] == [
+        ("another.library", "still heard")
+    ]
+
+
+def test_the_worker_raises_no_warnings(monkeypatch):
+    # its stderr is the parent's: a warning there would land in every training log, once per worker
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for hidden in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+            warnings.simplefilter("ignore", hidden)  # as Python's default filters do in the worker
+        messages, _ = _serve([{"op": "verify", "pred": r"\boxed{2}", "gold": "2"}], monkeypatch)
+    assert messages == [{"ready": True}, {"ok": True}]
+    assert [str(w.message) for w in caught] == []
