@@ -7,6 +7,7 @@ is decoded by this file's own code (4-byte big-endian length, then ASCII JSON), 
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import logging
@@ -15,7 +16,9 @@ import resource
 import signal
 import struct
 import tempfile
+import termios
 import threading
+import time
 import warnings
 
 import pytest
@@ -198,3 +201,68 @@ def test_the_worker_raises_no_warnings(monkeypatch):
         messages, _ = _serve([{"op": "verify", "pred": r"\boxed{2}", "gold": "2"}], monkeypatch)
     assert messages == [{"ready": True}, {"ok": True}]
     assert [str(w.message) for w in caught] == []
+
+
+class _ShortWrites(io.RawIOBase):
+    """An unbuffered stream that takes at most 5 bytes per write, as a pipe may (see the next test)."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        self.data += bytes(b[:5])
+        return min(len(b), 5)
+
+
+def test_a_message_is_written_whole_when_the_stream_takes_it_in_pieces():
+    message = {"op": "gym", "jobs": ["x" * 20]}
+    stream = _ShortWrites()
+    _worker.write_message(stream, message)
+    _worker.write_message(stream, {"op": "gold", "gold": "3"})
+    assert _unframe(bytes(stream.data)) == [message, {"op": "gold", "gold": "3"}]
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_kill"), reason="needs signal.pthread_kill")
+def test_a_signal_during_a_blocked_write_does_not_cut_the_message():
+    # The pool writes requests to the worker's stdin unbuffered. A request larger than the pipe (a big gym
+    # batch) blocks until the worker reads; a signal handled meanwhile makes write(2) return what it took so
+    # far. Here the reader waits for that signal, so the first write is certain to be cut at the pipe's size.
+    read_end, write_end = os.pipe()
+    capacity = fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ) if hasattr(fcntl, "F_GETPIPE_SZ") else 65536
+    message = {"op": "gym", "jobs": ["x" * (3 * capacity)]}
+    signalled = threading.Event()
+    main = threading.get_ident()
+
+    def signal_when_full():
+        deadline = time.monotonic() + 10
+        while _unread(read_end) < capacity and time.monotonic() < deadline:
+            time.sleep(0.001)
+        signal.pthread_kill(main, signal.SIGUSR1)  # the main thread is blocked in write(2)
+
+    received: list[bytes] = []
+
+    def read_after_the_signal():
+        signalled.wait(10)
+        received.append(_read_all(read_end))
+
+    previous = signal.signal(signal.SIGUSR1, lambda *_: signalled.set())
+    threads = [threading.Thread(target=f, daemon=True) for f in (signal_when_full, read_after_the_signal)]
+    try:
+        for thread in threads:
+            thread.start()
+        with os.fdopen(write_end, "wb", buffering=0) as stream:
+            _worker.write_message(stream, message)
+        for thread in threads:
+            thread.join(10)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert signalled.is_set()
+    assert _unframe(received[0]) == [message]
+
+
+def _unread(fd: int) -> int:
+    """Bytes waiting in the pipe whose read end is ``fd``."""
+    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]

@@ -40,9 +40,15 @@ MEMORY_LIMIT_BYTES = 8 * 1024**3
 
 
 def write_message(stream: BinaryIO, message: dict[str, Any]) -> None:
-    """Write one length-prefixed JSON message and flush it."""
+    """Write one length-prefixed JSON message, whole, and flush it.
+
+    Both ends write to unbuffered pipes, where a write may take only part of the data: a message larger than
+    the pipe waits for the reader, and a signal handled meanwhile ends the write with what fitted so far.
+    """
     payload = json.dumps(message, ensure_ascii=True).encode("ascii")
-    stream.write(HEADER.pack(len(payload)) + payload)
+    data = memoryview(HEADER.pack(len(payload)) + payload)
+    while data:
+        data = data[stream.write(data) :]
     stream.flush()
 
 
