@@ -485,6 +485,82 @@ def test_a_new_pool_keeps_its_worker_between_jobs(monkeypatch):
     assert len(started) == 1
 
 
+def test_a_new_pool_runs_at_most_its_size_of_workers_at_once(monkeypatch):
+    # a pool of 2 with stand-in workers whose jobs wait for the test: two jobs hold both places, so a third
+    # waits for one of their workers instead of starting a third (verify_answer's pool has one place, where
+    # counting the live workers cannot go wrong)
+    started = []
+    gates = [threading.Event() for _ in range(3)]
+    busy = threading.Semaphore(0)
+
+    class StandIn:
+        def __init__(self):
+            self.proc = types.SimpleNamespace(poll=lambda: None)  # alive
+            started.append(self)
+
+        def request(self, message, timeout):
+            busy.release()
+            gates[message["job"]].wait(10)
+            return {"job": message["job"], "worker": started.index(self)}
+
+    monkeypatch.setattr(pool_module, "Worker", StandIn)
+    pool = pool_module.WorkerPool(2)
+    answers = {}
+
+    def job(i):
+        answers[i] = pool.run({"job": i}, timeout=1.0)
+
+    threads = [threading.Thread(target=job, args=(i,), daemon=True) for i in range(3)]
+    threads[0].start()
+    threads[1].start()
+    assert busy.acquire(timeout=10) and busy.acquire(timeout=10)  # jobs 0 and 1 hold both workers
+    threads[2].start()
+    assert not busy.acquire(timeout=0.3)  # job 2 waits...
+    assert len(started) == 2
+    gates[0].set()
+    threads[0].join(10)
+    gates[2].set()
+    threads[2].join(10)  # ...and runs on the worker job 0 gave back
+    gates[1].set()
+    threads[1].join(10)
+    assert answers[2] == {"job": 2, "worker": answers[0]["worker"]}
+    assert len(started) == 2
+
+
+def test_a_worker_gets_a_setup_request_once(monkeypatch):
+    # run_batch with a setup (a gym task's load request): a stand-in worker is sent it before its first
+    # batch only, then keeps the two batches' jobs
+    sent = []
+
+    class StandIn:
+        def __init__(self):
+            self.proc = types.SimpleNamespace(poll=lambda: None)  # alive
+            self.loaded = set()
+            self.answers = []
+
+        def request(self, message, timeout):
+            sent.append(message)
+            return {"ok": True}
+
+        def send(self, message):
+            sent.append(message)
+            self.answers = [{"score": float(job)} for job in message["jobs"]]
+
+        def receive(self, timeout):
+            return self.answers.pop(0)
+
+    monkeypatch.setattr(pool_module, "Worker", StandIn)
+    pool = pool_module.WorkerPool(1)
+    setup = ("gym:chain_sum", {"op": "gym_load", "task": "chain_sum"})
+
+    def batch(jobs):
+        return {"op": "gym", "jobs": jobs}
+
+    assert pool.run_batch(batch, [1, 0], timeout=1.0, setup=setup) == [{"score": 1.0}, {"score": 0.0}]
+    assert pool.run_batch(batch, [2], timeout=1.0, setup=setup) == [{"score": 2.0}]
+    assert sent == [setup[1], batch([1, 0]), batch([2])]
+
+
 def test_worker_killed_while_idle_is_replaced():
     assert verify_answer(r"\boxed{2}", "2")  # make sure an idle worker exists
     pool = pool_module.get_pool(1)
