@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import re
 from fractions import Fraction
 from pathlib import Path
 
@@ -467,7 +468,12 @@ def test_resume_refuses_each_setting_that_shapes_the_samples(key, value, tmp_pat
     run_eval(_config(out), dataset=PROBLEMS[:2], reward_fn=even_first_digit, progress=False)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     stored = "backend_used" if key == "backend" else key
-    with pytest.raises(ValueError, match=rf"cannot resume .*\({stored}: \S+ in the folder, \S+ now\)"):
+    # the message names both values, the folder's and the one asked for now
+    was, now = repr(getattr(_config(out), key)), repr(value)
+    with pytest.raises(
+        ValueError,
+        match=rf"cannot resume .*\({stored}: {re.escape(was)} in the folder, {re.escape(now)} now\)",
+    ):
         run_eval(_config(out, **{key: value}), dataset=PROBLEMS, reward_fn=even_first_digit, progress=False)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # refused before writing anything
 
@@ -486,6 +492,31 @@ def test_resume_accepts_settings_that_do_not_shape_the_samples(key, value, tmp_p
     sampled = [q for _, prompts in sampler.calls for q in prompts]
     assert sampled == (["b1", "b2"] if key == "limit" else ["a3", "b1", "b2"])  # limit 2: 2 per source
     assert len(result.records) == (4 if key == "limit" else 5)
+
+
+def test_overwrite_starts_over_whatever_the_folder_holds(tmp_path, use_sampler):
+    out = tmp_path / "run"
+    # a crashed run: two problems in rollouts.jsonl, settings.json, but no metrics, table or plot yet
+    use_sampler(SeededSampler(crash_at=1))
+    with pytest.raises(Crash):
+        run_eval(_config(out, chunk_size=2), dataset=PROBLEMS, reward_fn=even_first_digit, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["rollouts.jsonl", "settings.json"]
+    # other settings (n = 4, not 3) and fewer problems: nothing is resumed, nothing of the old run is kept
+    for n in (4, 2):  # the second time, every file of the first overwrite is there to be replaced
+        sampler = use_sampler(SeededSampler())
+        result = run_eval(
+            _config(out, n=n, overwrite=True),
+            dataset=PROBLEMS[:3],
+            reward_fn=even_first_digit,
+            progress=False,
+        )
+        assert [q for _, prompts in sampler.calls for q in prompts] == ["a1", "a2", "a3"]
+        lines = _lines(out / "rollouts.jsonl")
+        assert [r["prompt"][0]["content"] for r in lines] == ["a1", "a2", "a3"]
+        assert [len(r["completions"]) for r in lines] == [n, n, n]
+        assert json.loads((out / "settings.json").read_text())["n"] == n
+        assert json.loads((out / "metrics.json").read_text())["all"]["num_problems"] == 3
+        assert len(result.records) == 3
 
 
 # --------------------------------------------------------------------------------------------------
