@@ -328,6 +328,71 @@ def test_default_run_folder_is_named_after_the_model(tmp_path, monkeypatch):
     assert run_folder(EvalConfig(model="org/m", output="elsewhere")) == Path("elsewhere")  # --output wins
 
 
+def test_run_eval_loads_the_model_with_the_configs_sampling_settings(tmp_path, monkeypatch):
+    loaded, sampler = [], SeededSampler()
+
+    def load_sampler(model, backend, **kwargs):
+        loaded.append((model, backend, kwargs))
+        return sampler, backend
+
+    monkeypatch.setattr("pacsrl.eval.run.load_sampler", load_sampler)
+    config = _config(
+        tmp_path / "run", model="org/m", backend="hf", temperature=0.7, top_p=0.8, max_new_tokens=5,
+        batch_size=6, seed=7, dtype="bfloat16", gpu_memory_utilization=0.5, tensor_parallel_size=2,
+    )  # fmt: skip
+    run_eval(config, dataset=PROBLEMS, reward_fn=even_first_digit, progress=False)
+    assert loaded == [
+        ("org/m", "hf", {"temperature": 0.7, "top_p": 0.8, "max_new_tokens": 5, "batch_size": 6, "seed": 7,
+                         "dtype": "bfloat16", "gpu_memory_utilization": 0.5, "tensor_parallel_size": 2,
+                         "progress": False})
+    ]  # fmt: skip
+    # the hf backend samples batch_size // n = 6 // 3 = 2 problems at a time, from seed 7
+    assert [seed for seed, _ in sampler.calls] == [7, 9, 11]
+
+
+def test_a_run_with_a_ready_sampler_needs_no_model(tmp_path, monkeypatch, use_sampler):
+    from importlib.metadata import version
+
+    monkeypatch.chdir(tmp_path)
+    config = EvalConfig(n=3, max_new_tokens=3, backend="hf")  # no --model, no --name, no --output
+    result = run_eval(config, dataset=PROBLEMS[:2], sampler=SeededSampler(), reward_fn=half, progress=False)
+    out = Path("outputs") / "eval" / "model"  # named "model" for want of another name
+    assert result.name == "model" and len(_lines(out / "rollouts.jsonl")) == 2
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["name"] == "model" and settings["model"] is None
+    assert settings["output"] == "outputs/eval/model"  # where the run was written, though none was given
+    assert settings["pacsrl_version"] == version("pacsrl")
+    assert settings["backend_used"] == "custom"  # not the hf backend of the config: no model was loaded
+    assert json.loads((out / "metrics.json").read_text())["name"] == "model"
+
+    # samples of a custom sampler are not resumed by loading a model, nor the other way round
+    use_sampler(SeededSampler())
+    first = tmp_path / "custom"
+    run_eval(_config(first), dataset=PROBLEMS[:2], sampler=SeededSampler(), reward_fn=half, progress=False)
+    with pytest.raises(ValueError, match=r"\(backend_used: 'custom' in the folder, 'hf' now\)"):
+        run_eval(_config(first), dataset=PROBLEMS, reward_fn=half, progress=False)
+    second = tmp_path / "loaded"
+    run_eval(_config(second), dataset=PROBLEMS[:2], reward_fn=half, progress=False)
+    with pytest.raises(ValueError, match=r"\(backend_used: 'hf' in the folder, 'custom' now\)"):
+        run_eval(_config(second), dataset=PROBLEMS, sampler=SeededSampler(), reward_fn=half, progress=False)
+
+    # neither a model nor a sampler: refused before anything is written
+    with pytest.raises(ValueError, match="no model to evaluate"):
+        run_eval(EvalConfig(output=str(tmp_path / "none")), dataset=PROBLEMS, reward_fn=half)
+    assert not (tmp_path / "none").exists()
+
+
+def test_progress_bars_are_shown_unless_turned_off(tmp_path, use_sampler, stand_in_hf_sampler, capsys):
+    from pacsrl.eval import evaluate_model
+
+    use_sampler(SeededSampler())
+    run_eval(_config(tmp_path / "quiet"), dataset=PROBLEMS, reward_fn=half, progress=False)
+    evaluate_model(object(), object(), PROBLEMS, n=2, reward_fn=half, progress=False)
+    assert capsys.readouterr().err == ""
+    run_eval(_config(tmp_path / "shown"), dataset=PROBLEMS, reward_fn=half)  # shown by default
+    assert "eval: 100%" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------------------------------
 # Problem ids and the rollouts file's format
 
