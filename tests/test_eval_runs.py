@@ -173,6 +173,31 @@ def test_resolve_problems_refuses_two_datasets_of_one_name(specs, monkeypatch):
         resolve_problems(specs)
 
 
+def test_a_spec_pacsrl_cannot_read_is_refused_as_such_not_as_a_repeated_name():
+    from pacsrl.eval.run import resolve_problems
+
+    # two CSV files share the stem "x", but only the data files pacsrl reads are named by their stem:
+    # the user hears that a CSV is not a dataset, not that renaming one would help
+    with pytest.raises(ValueError, match=r"dataset spec 'data/x.csv' is neither a dataset name"):
+        resolve_problems(["data/x.csv", "other/x.csv"])
+
+
+def test_limit_applies_to_each_dataset_of_the_config(tmp_path, use_sampler, monkeypatch):
+    asked = []
+
+    def resolve_dataset(spec, limit=None):
+        asked.append((spec, limit))
+        return _rows(*((f"{spec[0]}{i}", spec) for i in range(1, 4)))[:limit]  # 3 rows per dataset
+
+    monkeypatch.setattr("pacsrl.data.resolve_dataset", resolve_dataset)
+    sampler = use_sampler(SeededSampler())
+    config = _config(tmp_path / "run", datasets=["x.jsonl", "math500"], limit=2)
+    result = run_eval(config, reward_fn=half, progress=False)
+    assert asked == [("x.jsonl", 2), ("math500", 2)]
+    assert [q for _, prompts in sampler.calls for q in prompts] == ["x1", "x2", "m1", "m2"]
+    assert sorted(result.metrics["sources"]) == ["math500", "x"]  # a row per dataset: a file by its stem
+
+
 # --------------------------------------------------------------------------------------------------
 # In memory, and saved as a run folder (a stand-in for the model's sampler: no model is loaded)
 
