@@ -375,6 +375,24 @@ def test_run_eval_loads_the_model_with_the_configs_sampling_settings(tmp_path, m
     assert [seed for seed, _ in sampler.calls] == [7, 9, 11]
 
 
+@pytest.mark.parametrize(
+    ("backend", "batch_size", "chunk_size", "problems", "sizes"),
+    [
+        ("hf", 6, None, 5, [2, 2, 1]),  # batch_size // n = 6 // 3 = 2 problems (6 sequences) per call
+        ("hf", 2, None, 3, [1, 1, 1]),  # a batch smaller than n: still one problem per call
+        ("vllm", 6, None, 65, [64, 1]),  # vLLM batches by itself: 64 problems per call
+        ("vllm", 6, 2, 5, [2, 2, 1]),  # --chunk-size wins
+        ("hf", 6, 4, 5, [4, 1]),
+    ],
+)
+def test_problems_per_sampler_call(backend, batch_size, chunk_size, problems, sizes, tmp_path, use_sampler):
+    sampler = use_sampler(SeededSampler())
+    config = _config(tmp_path / "run", backend=backend, batch_size=batch_size, chunk_size=chunk_size)
+    dataset = [_problem(f"q{i}", "alpha") for i in range(problems)]
+    run_eval(config, dataset=dataset, reward_fn=half, progress=False)
+    assert [len(prompts) for _, prompts in sampler.calls] == sizes
+
+
 def test_a_run_with_a_ready_sampler_needs_no_model(tmp_path, monkeypatch, use_sampler):
     from importlib.metadata import version
 
@@ -699,6 +717,24 @@ def test_a_runs_threshold_is_used_when_it_is_read_again(tmp_path, use_sampler):
     # an explicit new threshold is stored and used from then on
     assert recompute(out, threshold=1.0).metrics["all"]["pass@1"] == 0.0
     assert load_run(out).metrics["all"]["pass@1"] == 0.0
+
+
+def test_rerunning_a_finished_run_records_the_settings_its_metrics_use(tmp_path, use_sampler):
+    use_sampler(SeededSampler())
+    out = tmp_path / "run"
+    run_eval(_config(out), dataset=PROBLEMS, reward_fn=half, progress=False)  # threshold 1.0: pass@1 = 0
+    # nothing left to sample; a new threshold and name may change (README, "Resume")
+    sampler = use_sampler(SeededSampler())
+    result = run_eval(
+        _config(out, threshold=0.5, name="renamed"), dataset=PROBLEMS, reward_fn=half, progress=False
+    )
+    assert sampler.calls == []
+    assert result.metrics["all"]["pass@1"] == 1.0  # every 0.5 counts at threshold 0.5
+    assert json.loads((out / "metrics.json").read_text())["all"]["pass@1"] == 1.0
+    # read again later, the folder says what metrics.json says
+    loaded = load_run(out)
+    assert (loaded.name, loaded.metrics["all"]["pass@1"]) == ("renamed", 1.0)
+    assert json.loads((out / "settings.json").read_text())["threshold"] == 0.5
 
 
 def test_compare_keeps_two_runs_of_the_same_name(tmp_path, use_sampler):

@@ -518,8 +518,7 @@ def run_eval(
             progress=progress,
             total=len(problems),
         )
-    elif not (output_dir / SETTINGS_FILE).exists():
-        output_dir.mkdir(parents=True, exist_ok=True)
+    else:  # every problem is in the folder already: record the settings (threshold, name) its metrics use
         write_json(output_dir / SETTINGS_FILE, settings)
     result = EvalResult(name, records, compute_metrics(records, config.k, config.threshold), settings)
     _write_summary(result, output_dir)
