@@ -406,7 +406,9 @@ def test_a_run_with_a_ready_sampler_needs_no_model(tmp_path, monkeypatch, use_sa
     assert settings["output"] == "outputs/eval/model"  # where the run was written, though none was given
     assert settings["pacsrl_version"] == version("pacsrl")
     assert settings["backend_used"] == "custom"  # not the hf backend of the config: no model was loaded
+    assert result.settings == settings  # the settings go with the result, and into metrics.json
     assert json.loads((out / "metrics.json").read_text())["name"] == "model"
+    assert json.loads((out / "metrics.json").read_text())["settings"] == settings
 
     # samples of a custom sampler are not resumed by loading a model, nor the other way round
     use_sampler(SeededSampler())
