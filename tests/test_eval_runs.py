@@ -438,6 +438,24 @@ def test_progress_bars_are_shown_unless_turned_off(tmp_path, use_sampler, stand_
     assert "eval: 100%" in capsys.readouterr().err
 
 
+def by_level(completions, level, **kwargs):
+    """Scorer that reads a dataset column: every sample of a level-L problem scores L / 4."""
+    return [lv / 4 for lv in level]
+
+
+def test_other_columns_reach_the_scorer_and_stay_for_rescoring(tmp_path, use_sampler):
+    use_sampler(SeededSampler())
+    out = tmp_path / "run"
+    dataset = [{**p, "level": level} for p, level in zip(PROBLEMS[:3], (1, 2, 4), strict=True)]
+    run_eval(_config(out, threshold=0.5), dataset=dataset, reward_fn=by_level, progress=False)
+    lines = _lines(out / "rollouts.jsonl")
+    assert [r["columns"] for r in lines] == [{"level": 1}, {"level": 2}, {"level": 4}]
+    assert [r["scores"] for r in lines] == [[0.25] * 3, [0.5] * 3, [1.0] * 3]
+    # rescoring reads the columns back from rollouts.jsonl: the same scores, pass@1 = 2/3 at threshold 0.5
+    assert recompute(out, rescore=True, reward=by_level).metrics["all"]["pass@1"] == pytest.approx(2 / 3)
+    assert [r["scores"] for r in _lines(out / "rollouts.jsonl")] == [[0.25] * 3, [0.5] * 3, [1.0] * 3]
+
+
 # --------------------------------------------------------------------------------------------------
 # Problem ids and the rollouts file's format
 
