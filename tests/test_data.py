@@ -232,6 +232,8 @@ def test_preparer_accepts_known_alternative_columns(name, rows, question, answer
         ("#### -1,250", "-1250"),  # negative with separator
         ("#### 3.75", "3.75"),  # decimal untouched
         ("#### 12 ", "12"),  # surrounding space stripped
+        ("48 + 24 = 72\n####72", "72"),  # no space after the marker
+        ("#### 2\nCorrection: it is 3.\n#### 3", "3"),  # two markers: the last one holds the answer
     ],
 )
 def test_gsm8k_final_answer(solution, gold):
@@ -407,6 +409,43 @@ def test_cli_reports_unparseable_gold_and_strict(tmp_path, capsys):
     assert pacsrl.cli.main(args + ["--strict"]) == 1
 
 
+def test_cli_warns_once_about_unparseable_gold(tmp_path, caplog):
+    source = write_rows([{"problem": "Broken.", "answer": "\\frac{", "solution": ""}], tmp_path / "d.jsonl")
+    args = ["prepare", "deepscaler", "--path", str(source), "--output", str(tmp_path / "o.parquet")]
+    with caplog.at_level(logging.WARNING, logger="pacsrl.data"):
+        assert pacsrl.cli.main(args) == 0
+    (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]  # one warning, not one per check
+    assert "row 0: '\\\\frac{'" in warning.getMessage()
+
+
+def test_cli_passes_the_split_to_the_hub(fake_hub, tmp_path, capsys):
+    args = ["prepare", "gsm8k", "--split", "train", "--output", str(tmp_path / "g.parquet")]
+    assert pacsrl.cli.main(args) == 0
+    assert fake_hub == [("openai/gsm8k", "main", "train")]
+
+
+def test_cli_writes_readable_json_lines_into_new_folders(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rows = [{"question": "Zoë has 3 apples and eats 1. How many are left?", "answer": "3 - 1 = 2\n#### 2"},
+            {"question": "Café au lait costs 4 euros. What do 2 cost?", "answer": "2 * 4 = 8\n#### 8"}]  # fmt: skip
+    source = write_rows(rows, tmp_path / "g.parquet")
+    out = tmp_path / "new" / "deeper" / "g.jsonl"
+    assert pacsrl.cli.main(["prepare", "gsm8k", "--path", str(source), "--output", str(out)]) == 0
+    text = out.read_text(encoding="utf-8")
+    # one JSON object per line, non-ASCII letters kept as they are (not \\u escapes)
+    records = [json.loads(line) for line in text.splitlines()]
+    assert [(r["problem"], r["answer"], r["source"]) for r in records] == [
+        (rows[0]["question"], "2", "gsm8k"),
+        (rows[1]["question"], "8", "gsm8k"),
+    ]
+    assert "Zoë" in text and "Café" in text
+    # the summary names the columns written, in order
+    lines = capsys.readouterr().out.splitlines()
+    assert f"wrote 2 rows to {out}" in lines
+    assert "  columns: " + ", ".join(records[0]) in lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.parquet", "new"]  # nothing written elsewhere
+
+
 @pytest.mark.parametrize(
     "args, status, message",
     [
@@ -416,8 +455,14 @@ def test_cli_reports_unparseable_gold_and_strict(tmp_path, capsys):
         (["gym:basic_arithmetic", "--output", "o.parquet"], 2, "needs --size N"),
         (["gsm8k", "--path", "nowhere.jsonl", "--output", "o.parquet"], 1, "'nowhere.jsonl' does not exist"),
         (["gsm8k"], 2, "required: --output"),
+        (["gym:chain_sum", "--size", "0", "--output", "o.parquet"], 2, "must be positive, got 0 and None"),
+        (["gym:chain_sum", "--size", "2", "--eval-size", "0", "--output", "o.parquet"], 2, "got 2 and 0"),
+        (["gym:chain_sum", "--size", "2", "--eval-output", "e.parquet", "--output", "o.parquet"], 2,
+         "--eval-output needs --eval-size"),
+        (["gym:chain_sum", "--size", "2", "--config", "[1]", "--output", "o.parquet"], 2,
+         "--config must be a JSON object"),
     ],
-)
+)  # fmt: skip
 def test_cli_errors(args, status, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert pacsrl.cli.main(["prepare", *args]) == status
@@ -472,6 +517,43 @@ def test_cli_prepare_gym(tmp_path, capsys):
     summary = capsys.readouterr().out
     assert "wrote 6 rows" in summary and "wrote 3 rows" in summary
     assert "scored by the reasoning-gym task's own checker" in summary
+
+
+def _gym_questions(task: str, seed: int, n: int, **config) -> list[str]:
+    """The first ``n`` questions of a task's generator, straight from reasoning-gym (no pacsrl code)."""
+    import reasoning_gym
+
+    generator = reasoning_gym.create_dataset(task, size=n, seed=seed, **config)
+    questions = [generator[i]["question"] for i in range(n)]
+    assert len({q.casefold() for q in questions}) == n  # no repeats, so pacsrl's deduplication keeps them all
+    return questions
+
+
+@pytest.mark.skipif(_gym_missing() is not None, reason=str(_gym_missing()))
+def test_cli_prepare_gym_seed_size_config_and_eval_output(tmp_path, capsys):
+    small = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
+    # no --seed: seed 0, as train's gym_seed; --size 1 is allowed; no --eval-size: one file
+    one = tmp_path / "one.parquet"
+    assert pacsrl.cli.main(["prepare", "gym:chain_sum", "--size", "1", "--output", str(one)]) == 0
+    assert resolve_dataset(str(one))["question"] == _gym_questions("chain_sum", 0, 1)
+    # --seed and --config reach the generator, and the options travel with each row
+    three = tmp_path / "three.parquet"
+    args = ["--seed", "5", "--config", json.dumps(small), "--output", str(three)]
+    assert pacsrl.cli.main(["prepare", "gym:chain_sum", "--size", "3", *args]) == 0
+    ds = resolve_dataset(str(three))
+    assert ds["question"] == _gym_questions("chain_sum", 5, 3, **small)
+    assert [json.loads(c) for c in ds["gym_config"]] == [small] * 3
+    # with --eval-size 1 and --eval-output: held-out = the stream's first problem, train the next two,
+    # written where asked (and not to the default OUTPUT_eval file)
+    train, held = tmp_path / "train.parquet", tmp_path / "held" / "out.jsonl"
+    args = ["--size", "2", "--eval-size", "1", "--eval-output", str(held), *args[:4], "--output", str(train)]
+    assert pacsrl.cli.main(["prepare", "gym:chain_sum", *args]) == 0
+    stream = _gym_questions("chain_sum", 5, 3, **small)
+    assert resolve_dataset(str(held))["question"] == stream[:1]
+    assert resolve_dataset(str(train))["question"] == stream[1:]
+    assert not (tmp_path / "train_eval.parquet").exists()
+    summary = capsys.readouterr().out
+    assert f"wrote 2 rows to {train}" in summary and f"wrote 1 rows to {held}" in summary
 
 
 @pytest.mark.slow

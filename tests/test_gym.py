@@ -78,6 +78,18 @@ def test_splits_are_disjoint_and_eval_is_stable():
     assert eval_again["question"] == eval_["question"]
 
 
+def test_splits_of_one_problem_each_follow_the_config():
+    train, eval_ = make_gym_splits("chain_sum", 1, 1, seed=0, config=SMALL)
+    assert (len(train), len(eval_)) == (1, 1)
+    for row in (train[0], eval_[0]):
+        assert json.loads(row["gym_config"]) == SMALL
+        expression = json.loads(row["metadata"])["expression"]
+        assert re.fullmatch(r"\d [+-] \d", expression)  # SMALL: a + b or a - b, one digit each
+    for sizes in [(0, 5), (5, 0)]:
+        with pytest.raises(ValueError, match="must be >= 1"):
+            make_gym_splits("chain_sum", *sizes, seed=0, config=SMALL)
+
+
 def test_questions_are_compared_without_case_or_spacing():
     assert normalize_question("  What is\t2 +  2?\n") == "what is 2 + 2?"
     assert normalize_question("ÉTÉ Straße") == normalize_question("été strasse")  # casefold, not lower
