@@ -342,6 +342,26 @@ def test_resolve_dataset_spec_forms(fake_hub, tmp_path):
     assert len(fake_hub) == 1  # nothing but the first spec went to the hub
 
 
+def test_resolve_dataset_limits_and_checks_every_form(fake_hub, tmp_path, caplog):
+    assert resolve_dataset("gsm8k", limit=2)["answer"] == ["72", "450410"]  # a name: the hub source, limited
+    folder = tmp_path / "a=b"  # an "=" in the file's path belongs to the path
+    folder.mkdir()
+    rows = SOURCES["deepscaler"][:2] + [{"problem": "Broken.", "answer": "\\frac{", "solution": ""}]
+    source = write_rows(rows, folder / "d.jsonl")
+    assert resolve_dataset(f"deepscaler={source}", limit=1)["answer"] == ["70"]
+    with caplog.at_level(logging.WARNING, logger="pacsrl.data"):
+        assert len(resolve_dataset(f"deepscaler={source}")) == 3
+    assert "row 2: '\\\\frac{'" in caplog.text  # the gold check is on by default
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pacsrl.data"):
+        prepared = resolve_dataset(f"deepscaler={source}", check=False)
+    assert caplog.text == ""
+    prepared.to_parquet(str(folder / "prepared.parquet"))
+    assert resolve_dataset(str(folder / "prepared.parquet"))["answer"] == ["70", "0", "\\frac{"]
+    with pytest.raises(ValueError, match="limit=0"):
+        resolve_dataset(str(tmp_path / "prepared.parquet"), limit=0)
+
+
 def test_resolve_dataset_rejects_bad_specs(tmp_path):
     raw = write_rows(SOURCES["math500"], tmp_path / "raw_math500.parquet")
     with pytest.raises(ValueError, match=r"missing column\(s\) \['prompt', 'source'\].*found \['problem'"):
@@ -407,6 +427,27 @@ def test_cli_reports_unparseable_gold_and_strict(tmp_path, capsys):
     assert pacsrl.cli.main(args) == 0
     assert "unparseable gold answers: 1 (row 1: '\\\\frac{')" in capsys.readouterr().out
     assert pacsrl.cli.main(args + ["--strict"]) == 1
+
+
+def test_cli_strict_passes_clean_gold_and_says_why_it_fails(tmp_path, capsys):
+    source = write_rows(SOURCES["aime24"], tmp_path / "a.jsonl")
+    args = ["prepare", "aime24", "--path", str(source), "--strict", "--output", str(tmp_path / "a.parquet")]
+    assert pacsrl.cli.main(args) == 0
+    assert "error" not in capsys.readouterr().err  # (stderr holds progress bars)
+    broken = write_rows([{"id": 1, "problem": "Broken.", "answer": "\\frac{"}], tmp_path / "b.jsonl")
+    assert (
+        pacsrl.cli.main(
+            ["prepare", "aime24", "--path", str(broken), "--strict", "-o", str(tmp_path / "b.parquet")]
+        )
+        == 1
+    )
+    out, err = capsys.readouterr()
+    assert "--strict" in err and "--strict" not in out
+
+
+def test_cli_offline_hint_only_for_hub_connection_errors(fake_hub, tmp_path, capsys):
+    assert pacsrl.cli.main(["prepare", "gsm8k", "--limit", "0", "--output", str(tmp_path / "g.parquet")]) == 1
+    assert capsys.readouterr().err == "pacsrl prepare: error: limit=0: expected a positive integer or None\n"
 
 
 def test_cli_warns_once_about_unparseable_gold(tmp_path, caplog):
