@@ -456,6 +456,59 @@ def test_other_columns_reach_the_scorer_and_stay_for_rescoring(tmp_path, use_sam
     assert [r["scores"] for r in _lines(out / "rollouts.jsonl")] == [[0.25] * 3, [0.5] * 3, [1.0] * 3]
 
 
+class Recorder:
+    """Scorer that records its keyword arguments and returns the given scores; named ``recorder``
+    unless ``named`` is false (then it has no ``__name__``, as most callable objects)."""
+
+    def __init__(self, scores, named: bool = True) -> None:
+        self.scores, self.calls = scores, []
+        if named:
+            self.__name__ = "recorder"
+
+    def __call__(self, **kwargs):
+        self.calls.append(kwargs)
+        return self.scores
+
+    def __repr__(self) -> str:
+        return "<a recorder>"
+
+
+def test_score_completions_calls_the_scorer_as_trl_does():
+    from pacsrl.eval.run import score_completions
+
+    chat = [{"role": "user", "content": "1 + 1?"}]
+    problem = {"id": "p7", "source": "alpha", "prompt": chat, "answer": "2", "columns": {"level": 3}}
+    scorer = Recorder([1, 0.5])  # ints are scores too: returned as floats
+    got = score_completions(scorer, problem, ["2", "3"])
+    assert got == [1.0, 0.5] and all(type(s) is float for s in got)
+    # a conversational prompt's completions as assistant messages; each column as a list, one per sample
+    assert scorer.calls == [
+        {"prompts": [chat, chat], "completions": [[{"role": "assistant", "content": "2"}],
+                                                  [{"role": "assistant", "content": "3"}]],
+         "answer": ["2", "2"], "source": ["alpha", "alpha"], "level": [3, 3]}
+    ]  # fmt: skip
+    # a plain-text prompt's completions as plain text; a record without other columns (an old run's)
+    scorer = Recorder([0.0])
+    old_record = {"id": "q", "source": "s", "prompt": "Q:", "answer": "1"}
+    assert score_completions(scorer, old_record, ["A"]) == [0.0]
+    assert scorer.calls == [{"prompts": ["Q:"], "completions": ["A"], "answer": ["1"], "source": ["s"]}]
+
+    # a scorer that does not give one finite number per sample is refused, naming itself and the sample
+    for scores, message in [
+        (None, "reward function recorder returned None scores for 2 completions"),
+        ([1.0], "reward function recorder returned 1 scores for 2 completions"),
+        ([1.0, None], r"reward function recorder returned None for sample 1 of problem p7 \(alpha\)"),
+        (["1.0", 1.0], r"reward function recorder returned '1.0' for sample 0 of problem p7"),  # text
+        ([1.0, math.nan], r"returned nan for sample 1 of problem p7"),
+        ([math.inf, 1.0], r"returned inf for sample 0 of problem p7"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            score_completions(Recorder(scores), problem, ["2", "3"])
+    # a scorer object without a __name__ is named by its repr
+    with pytest.raises(ValueError, match=r"reward function <a recorder> returned 1 scores for 2 completions"):
+        score_completions(Recorder([1.0], named=False), problem, ["2", "3"])
+
+
 # --------------------------------------------------------------------------------------------------
 # Problem ids and the rollouts file's format
 
