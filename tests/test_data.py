@@ -607,3 +607,25 @@ def test_cli_subprocess_smoke(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "wrote 3 rows" in done.stdout and "sources: gsm8k (3)" in done.stdout
     assert datasets.Dataset.from_parquet(str(out))["answer"] == ["72", "450410", "-5"]
+
+
+def test_gym_config_may_not_set_size_or_seed_and_size_reaches_the_generator():
+    from pacsrl.data.gym import _create
+
+    for key in ("size", "seed"):
+        with pytest.raises(ValueError, match="sets 'size' or 'seed'"):
+            _create("chain_sum", 2, 0, {key: 3})
+    assert len(_create("chain_sum", 3, 0, {})) == 3  # reasoning-gym's own default size is 500
+
+
+def test_gym_record_metadata_and_config_are_sorted_json():
+    from pacsrl.data.gym import _record
+
+    plain = _record("chain_sum", {"question": "1 + 2 =", "answer": 3}, {"max_terms": 3, "min_terms": 2})
+    assert plain["metadata"] == "{}"  # no metadata: an empty object, not null
+    assert plain["gym_config"] == '{"max_terms": 3, "min_terms": 2}'
+    assert plain["answer"] == "3"
+    with_meta = _record("chain_sum", {"question": "q", "answer": "3", "metadata": {"z": 1, "a": [2]}},
+                        {"min_terms": 2, "max_terms": 3})  # fmt: skip
+    assert with_meta["metadata"] == '{"a": [2], "z": 1}'
+    assert with_meta["gym_config"] == '{"max_terms": 3, "min_terms": 2}'
