@@ -629,3 +629,28 @@ def test_gym_record_metadata_and_config_are_sorted_json():
                         {"min_terms": 2, "max_terms": 3})  # fmt: skip
     assert with_meta["metadata"] == '{"a": [2], "z": 1}'
     assert with_meta["gym_config"] == '{"max_terms": 3, "min_terms": 2}'
+
+
+def test_gold_report_without_source_column_and_its_list_cut_at_ten(caplog):
+    # no source column: every row is checked; 11 bad rows: ten quoted, ", "-separated, then "(and 1 more)"
+    golds = ["1"] + [f"\\frac{{{i}" for i in range(11)]
+    with caplog.at_level(logging.WARNING, logger="pacsrl.data"):
+        bad = report_unparseable_gold(datasets.Dataset.from_dict({"answer": golds}), "eleven")
+    assert bad == [(i + 1, f"\\frac{{{i}") for i in range(11)]
+    listed = ", ".join(f"row {i + 1}: {golds[i + 1]!r}" for i in range(10))
+    assert caplog.records[-1].getMessage() == (
+        "eleven: 11 of 12 gold answers cannot be parsed by math-verify and can never be rewarded: "
+        f"{listed} (and 1 more)"
+    )
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pacsrl.data"):
+        report_unparseable_gold(datasets.Dataset.from_dict({"answer": golds[:11]}), "ten")
+    assert caplog.records[-1].getMessage().endswith(f"{listed}")  # exactly ten: nothing appended
+
+
+def test_validate_records_accepts_large_string_columns():
+    good = {"prompt": [user_prompt("q")], "answer": ["1"], "source": ["x"]}
+    for column in ("answer", "source"):
+        ds = datasets.Dataset.from_dict(good).cast_column(column, datasets.Value("large_string"))
+        assert ds.features[column].dtype == "large_string"
+        validate_records(ds)
