@@ -457,6 +457,7 @@ def test_cli_warns_once_about_unparseable_gold(tmp_path, caplog):
         assert pacsrl.cli.main(args) == 0
     (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]  # one warning, not one per check
     assert "row 0: '\\\\frac{'" in warning.getMessage()
+    assert warning.getMessage().startswith("deepscaler: 1 of 1 gold answers")  # labelled with the dataset
 
 
 def test_cli_passes_the_split_to_the_hub(fake_hub, tmp_path, capsys):
@@ -654,3 +655,18 @@ def test_validate_records_accepts_large_string_columns():
         ds = datasets.Dataset.from_dict(good).cast_column(column, datasets.Value("large_string"))
         assert ds.features[column].dtype == "large_string"
         validate_records(ds)
+
+
+def test_cli_summary_lists_five_bad_golds_then_counts_the_rest(tmp_path, capsys):
+    from pacsrl.data.cli import _summarize, build_parser
+
+    assert build_parser().format_usage().startswith("usage: pacsrl prepare ")
+    ds = datasets.Dataset.from_dict({"answer": ["x"] * 7})  # no source column
+    bad = [(i, f"g{i}") for i in range(7)]
+    _summarize(ds, tmp_path / "o.jsonl", bad[:6])
+    _summarize(ds, tmp_path / "o.jsonl", bad[:5])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == "  sources: -"
+    five = "row 0: 'g0', row 1: 'g1', row 2: 'g2', row 3: 'g3', row 4: 'g4'"
+    assert lines[3] == f"  unparseable gold answers: 6 ({five}, ... 1 more)"
+    assert lines[7] == f"  unparseable gold answers: 5 ({five})"
