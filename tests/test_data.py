@@ -392,7 +392,7 @@ def test_unparseable_gold_is_reported(tmp_path, caplog):
         ds = prepare_dataset("deepscaler", str(write_rows(rows, tmp_path / "d.jsonl")))
     assert check_gold(ds) == [(1, "\\frac{"), (3, "")]
     (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert "2 of 4 gold answers" in warning.getMessage()
+    assert warning.getMessage().startswith("deepscaler: 2 of 4 gold answers")
     assert "row 1: '\\\\frac{'" in warning.getMessage() and "row 3: ''" in warning.getMessage()
 
 
@@ -670,3 +670,30 @@ def test_cli_summary_lists_five_bad_golds_then_counts_the_rest(tmp_path, capsys)
     five = "row 0: 'g0', row 1: 'g1', row 2: 'g2', row 3: 'g3', row 4: 'g4'"
     assert lines[3] == f"  unparseable gold answers: 6 ({five}, ... 1 more)"
     assert lines[7] == f"  unparseable gold answers: 5 ({five})"
+
+
+def test_is_local_and_hub_paths(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    calls = []
+    monkeypatch.setattr(benchmarks.datasets, "load_dataset", lambda *a, **k: calls.append((*a, k["split"])))
+    assert benchmarks._is_local("owner/data.parquet")  # a data suffix makes it a (missing) file, not a hub id
+    assert benchmarks._is_local("owner/DATA.JSONL")
+    assert benchmarks._is_local("no-slash")  # not shaped like owner/name
+    assert not benchmarks._is_local("owner/name")
+    # another hub id gets no hub config (gsm8k's is "main"); the preparer's own id gets it
+    benchmarks.load_source(PREPARERS["gsm8k"], "someone/gsm8k-copy")
+    benchmarks.load_source(PREPARERS["gsm8k"], "openai/gsm8k")
+    assert calls == [("someone/gsm8k-copy", None, "test"), ("openai/gsm8k", "main", "test")]
+
+
+def test_limit_must_be_an_integer():
+    with pytest.raises(ValueError, match="limit=2.5: expected a positive integer"):
+        benchmarks._check_limit(2.5)
+
+
+def test_wrong_hub_columns_name_the_hub_id(monkeypatch):
+    monkeypatch.setattr(
+        benchmarks.datasets, "load_dataset", lambda *a, **k: datasets.Dataset.from_dict({"x": [1]})
+    )
+    with pytest.raises(ValueError, match="^'openai/gsm8k' does not look like gsm8k"):
+        prepare_dataset("gsm8k")
