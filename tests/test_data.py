@@ -697,3 +697,34 @@ def test_wrong_hub_columns_name_the_hub_id(monkeypatch):
     )
     with pytest.raises(ValueError, match="^'openai/gsm8k' does not look like gsm8k"):
         prepare_dataset("gsm8k")
+
+
+def test_resolve_dataset_checks_gold_by_name_labels_and_origins(monkeypatch, tmp_path, caplog):
+    broken = datasets.Dataset.from_list([{"problem": "Broken.", "answer": "\\frac{", "solution": ""}])
+    monkeypatch.setattr(benchmarks.datasets, "load_dataset", lambda *a, **k: broken)
+    with caplog.at_level(logging.WARNING, logger="pacsrl.data"):
+        resolve_dataset("deepscaler", check=False)
+        assert not caplog.records
+        resolve_dataset("deepscaler")  # checked by default
+        assert caplog.records[-1].getMessage().startswith("deepscaler: 1 of 1 gold answers")
+        monkeypatch.undo()  # local files load for real
+        prepared = tmp_path / "p.jsonl"
+        write_rows([{"prompt": user_prompt("q"), "answer": "\\frac{", "source": "x"}], prepared)
+        resolve_dataset(str(prepared))
+        assert caplog.records[-1].getMessage().startswith(f"{prepared}: 1 of 1 gold answers")
+    # a missing file with a data suffix (any case) is reported as missing, not as a bad spec
+    for name in ("missing.jsonl", "MISSING.JSONL"):
+        with pytest.raises(FileNotFoundError, match=name):
+            resolve_dataset(str(tmp_path / name))
+    wrong = write_rows([{"text": "hello"}], tmp_path / "wrong.jsonl")
+    with pytest.raises(ValueError, match=f"^'{wrong}' is not a prepared pacsrl dataset"):
+        resolve_dataset(str(wrong))
+
+
+def test_a_source_needs_a_question_and_an_answer_column_and_text_questions(tmp_path):
+    no_answer = write_rows([{"problem": "What is 1+1?"}], tmp_path / "q.jsonl")
+    with pytest.raises(ValueError, match="does not look like math500"):
+        prepare_dataset("math500", str(no_answer))
+    numeric = write_rows([{"problem": 5, "answer": "5"}], tmp_path / "n.jsonl")
+    with pytest.raises(ValueError, match="row 0: empty or non-text question 5"):
+        prepare_dataset("math500", str(numeric))
