@@ -728,3 +728,20 @@ def test_a_source_needs_a_question_and_an_answer_column_and_text_questions(tmp_p
     numeric = write_rows([{"problem": 5, "answer": "5"}], tmp_path / "n.jsonl")
     with pytest.raises(ValueError, match="row 0: empty or non-text question 5"):
         prepare_dataset("math500", str(numeric))
+
+
+def test_gym_dataset_doubles_its_draws_up_to_sixteen_times_the_size(monkeypatch):
+    from pacsrl.data import gym
+
+    budgets = []
+
+    def three_questions(task, size, seed, config):  # a generator with only 3 distinct problems
+        budgets.append(size)
+        return [{"question": f"q{i % 3}", "answer": "1"} for i in range(size)]
+
+    monkeypatch.setattr(gym, "_create", three_questions)
+    with pytest.raises(
+        ValueError, match="produced only 3 distinct problems .* in 64 draws, fewer than the 4"
+    ):
+        gym.make_gym_dataset("fake", 4, 0)
+    assert budgets == [4, 8, 16, 32, 64]
