@@ -6,16 +6,13 @@ a completion, or math-verify's fallback when it has no box.
 
 from __future__ import annotations
 
-import fcntl
 import io
 import json
 import logging
 import os
 import pickle
 import signal
-import struct
 import sys
-import termios
 import threading
 import time
 import types
@@ -39,6 +36,7 @@ from pacsrl.rewards import (
     verify_answer,
 )
 from pacsrl.rewards.auto import make_auto_reward
+from pipe_helpers import unread
 
 CORRECTED = (
     r"First \boxed{3}. Hmm, that contradicts the second condition, so let us redo the computation "
@@ -645,7 +643,7 @@ def test_worker_answers_are_read_whole_from_short_reads():
         for piece in pieces:
             os.write(write_end, piece)
             deadline = time.monotonic() + 10
-            while _unread(read_end) and time.monotonic() < deadline:
+            while unread(read_end) and time.monotonic() < deadline:
                 time.sleep(0.001)
 
     writer = threading.Thread(target=trickle, daemon=True)
@@ -666,11 +664,6 @@ def test_worker_answers_are_read_whole_from_short_reads():
                 os.close(write_end)
             except OSError:
                 pass
-
-
-def _unread(fd: int) -> int:
-    """Bytes waiting in the pipe whose read end is ``fd``."""
-    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
 
 
 def test_auto_reward_scores_each_row_by_its_source():

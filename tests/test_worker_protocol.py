@@ -16,7 +16,6 @@ import resource
 import signal
 import struct
 import tempfile
-import termios
 import threading
 import time
 import warnings
@@ -24,6 +23,7 @@ import warnings
 import pytest
 
 from pacsrl.rewards import _worker
+from pipe_helpers import unread
 
 
 def _frame(message: dict) -> bytes:
@@ -238,7 +238,7 @@ def test_a_signal_during_a_blocked_write_does_not_cut_the_message():
 
     def signal_when_full():
         deadline = time.monotonic() + 10
-        while _unread(read_end) < capacity and time.monotonic() < deadline:
+        while unread(read_end) < capacity and time.monotonic() < deadline:
             time.sleep(0.001)
         signal.pthread_kill(main, signal.SIGUSR1)  # the main thread is blocked in write(2)
 
@@ -261,8 +261,3 @@ def test_a_signal_during_a_blocked_write_does_not_cut_the_message():
         signal.signal(signal.SIGUSR1, previous)
     assert signalled.is_set()
     assert _unframe(received[0]) == [message]
-
-
-def _unread(fd: int) -> int:
-    """Bytes waiting in the pipe whose read end is ``fd``."""
-    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
