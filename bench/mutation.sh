@@ -55,6 +55,14 @@ cores=$(python -c "import os; print(len(os.sched_getaffinity(0)))")  # nproc wou
 # OpenMP pool has started hangs at its first parallel op (every mutant then "times out")
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 TEST_TIMEOUT=${TEST_TIMEOUT:-30}  # seconds for one test of one mutant (pytest-timeout, in the dev extra)
+# fastest: each mutant's tests run quickest first (bench/mutation_order.py), so the first failure comes sooner;
+# file: in file order, as mutmut does by itself
+TEST_ORDER=${TEST_ORDER:-fastest}
+case $TEST_ORDER in
+    fastest) order_plugin='"-p", "mutation_order", ' ;;
+    file) order_plugin='' ;;
+    *) echo "TEST_ORDER must be fastest or file, not '$TEST_ORDER'" >&2; exit 2 ;;
+esac
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false MPLBACKEND=Agg
 for group in "${groups[@]}"; do
     work=$root/.mutation/$group
@@ -75,7 +83,7 @@ for group in "${groups[@]}"; do
 source_paths = ["src"]
 only_mutate = [${MODULES[$group]}]
 pytest_add_cli_args_test_selection = [${TESTS[$group]}]
-pytest_add_cli_args = ["-p", "no:cacheprovider", "-m", "not slow and not gpu", "--timeout=$TEST_TIMEOUT"$filter]
+pytest_add_cli_args = [${order_plugin}"-p", "no:cacheprovider", "-m", "not slow and not gpu", "--timeout=$TEST_TIMEOUT"$filter]
 # a mutant that hangs (a broken deadline in the verifier's pool) fails the test it hangs in after TEST_TIMEOUT
 # seconds (pytest-timeout; the slowest unmutated test takes about 12 s on a busy machine), and the run stops
 # there (-x): caught. mutmut's own limit, 3 times the mutant's tests' unmutated time plus 5 s, is the backstop
@@ -92,11 +100,13 @@ EOF
     # folder must exist before Python starts: a sys.path entry missing at start-up is cached as missing,
     # and the tests would silently import the unmutated package.
     mkdir -p mutants/src
+    # the test-order plugin, alone in its folder so that nothing else in bench/ can shadow a test's import
+    mkdir -p .plugins && cp "$root/bench/mutation_order.py" .plugins/
     start=$(date +%s)
     status=0
     set -f  # MUTANTS holds several patterns, passed to mutmut unexpanded
     # shellcheck disable=SC2086
-    PYTHONPATH=$work/mutants/src mutmut run --max-children "${MAX_CHILDREN:-$cores}" ${MUTANTS:-} \
+    PYTHONPATH=$work/mutants/src:$work/.plugins mutmut run --max-children "${MAX_CHILDREN:-$cores}" ${MUTANTS:-} \
         > mutmut.log 2>&1 || status=$?
     set +f
     seconds=$(( $(date +%s) - start ))
