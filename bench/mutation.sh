@@ -10,10 +10,13 @@
 # notices "survives". Each group runs in a copy of the working tree under .mutation/GROUP, and writes
 # bench/results/mutation/GROUP.md: counts, and every survivor's diff with the reason it is fine (harmless,
 # or killed by a test added since) where bench/mutation_survivors.tsv gives one. MAX_CHILDREN (default:
-# the number of cores) mutants are tested at once. A group's folder is kept: the next run copies the tree
-# over it and mutmut re-tests only the functions whose source changed since, keeping every other verdict
-# (an interrupted run goes on where it stopped). After changing TESTS, run with FRESH=1: mutmut 3.8 keeps a
-# survivor's verdict even when a new test would now kill it.
+# the number of cores) mutants are tested at once.
+#
+# Runs are incremental. A group's folder is kept, and its verdicts and test timings are also copied to
+# bench/results/mutation/cache/GROUP (committed), which a fresh clone starts from: mutmut re-tests only the
+# functions whose source changed since, and this script then tests again the survivors that have no reason
+# or are said to be killed by a later test, and the timeouts. An interrupted run goes on where it stopped.
+# FRESH=1 forgets every verdict and tests every mutant (after weakening or removing a test, say).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -59,15 +62,33 @@ TEST_TIMEOUT=${TEST_TIMEOUT:-30}  # seconds for one test of one mutant (pytest-t
 # file: in file order, as mutmut does by itself
 TEST_ORDER=${TEST_ORDER:-fastest}
 case $TEST_ORDER in
-    fastest) order_plugin='"-p", "mutation_order", ' ;;
-    file) order_plugin='' ;;
+    # loaded by name from the environment, not by a pytest argument: mutmut resets every verdict when its
+    # pytest arguments change, and the order cannot change a verdict
+    fastest) export PYTEST_PLUGINS=mutation_order ;;
+    file) unset PYTEST_PLUGINS ;;
     *) echo "TEST_ORDER must be fastest or file, not '$TEST_ORDER'" >&2; exit 2 ;;
 esac
+# the verdicts and test timings of the group being run (in its folder's mutants/), to the committed cache, so
+# that a fresh clone's run is incremental too; also when the run fails or is interrupted
+save_cache() {
+    [ -n "${work:-}" ] && [ -f "$work/mutants/mutmut-stats.json" ] || return 0
+    rm -rf "$cache" && mkdir -p "$cache"
+    cp "$work/mutants/mutmut-stats.json" "$cache/"
+    (cd "$work/mutants" && find src -name '*.meta' -exec cp --parents -t "$cache" {} +)
+}
+trap 'save_cache; exit 130' INT TERM
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false MPLBACKEND=Agg
 for group in "${groups[@]}"; do
     work=$root/.mutation/$group
+    cache=$out/cache/$group
     if [ -n "${FRESH:-}" ] || [ ! -f "$work/pyproject.toml" ]; then
         rm -rf "$work" && mkdir -p "$work"
+        # a fresh clone starts from the committed verdicts (mutmut's results and test timings, no mutants):
+        # mutmut makes the mutants again and re-tests only the functions whose source differs from the
+        # cached hashes
+        if [ -z "${FRESH:-}" ] && [ -f "$cache/mutmut-stats.json" ]; then
+            mkdir -p "$work/mutants" && cp -r "$cache/." "$work/mutants/"
+        fi
     else
         rm -rf "$work/tests" "$work/pyproject.toml"  # replaced below; mutants/ keeps mutmut's results
     fi
@@ -83,7 +104,7 @@ for group in "${groups[@]}"; do
 source_paths = ["src"]
 only_mutate = [${MODULES[$group]}]
 pytest_add_cli_args_test_selection = [${TESTS[$group]}]
-pytest_add_cli_args = [${order_plugin}"-p", "no:cacheprovider", "-m", "not slow and not gpu", "--timeout=$TEST_TIMEOUT"$filter]
+pytest_add_cli_args = ["-p", "no:cacheprovider", "-m", "not slow and not gpu", "--timeout=$TEST_TIMEOUT"$filter]
 # a mutant that hangs (a broken deadline in the verifier's pool) fails the test it hangs in after TEST_TIMEOUT
 # seconds (pytest-timeout; the slowest unmutated test takes about 12 s on a busy machine), and the run stops
 # there (-x): caught. mutmut's own limit, 3 times the mutant's tests' unmutated time plus 5 s, is the backstop
@@ -108,8 +129,20 @@ EOF
     # shellcheck disable=SC2086
     PYTHONPATH=$work/mutants/src:$work/.plugins mutmut run --max-children "${MAX_CHILDREN:-$cores}" ${MUTANTS:-} \
         > mutmut.log 2>&1 || status=$?
+    # mutmut keeps a verdict until its function changes; a test added since can kill a survivor, and a
+    # timeout on a busy machine can be a survivor: test those again (mutation_summary.py --recheck)
+    if [ "$status" -eq 0 ] && [ -z "${MUTANTS:-}" ]; then
+        mapfile -t recheck < <(python "$root/bench/mutation_summary.py" --recheck \
+            --reasons "$root/bench/mutation_survivors.tsv")
+        if [ "${#recheck[@]}" -gt 0 ]; then
+            echo "$group: testing again ${#recheck[@]} survivors and timeouts" >> mutmut.log
+            PYTHONPATH=$work/mutants/src:$work/.plugins mutmut run --max-children "${MAX_CHILDREN:-$cores}" \
+                "${recheck[@]}" >> mutmut.log 2>&1 || status=$?
+        fi
+    fi
     set +f
     seconds=$(( $(date +%s) - start ))
+    save_cache
     if [ "$status" -ne 0 ]; then
         tail -n 30 mutmut.log >&2
         echo "$group: mutmut run failed (exit $status) after ${seconds} s; log: $work/mutmut.log" >&2

@@ -5,6 +5,12 @@ with its diff and, when the reasons file lists it (``mutant name<TAB>reason``), 
 or killed by a test added since. Survivors without a reason are flagged: each needs a test that kills it.
 
     python bench/mutation_summary.py --group G [--seconds S] [--reasons FILE] [--commit C] [--note N]
+    python bench/mutation_summary.py --recheck [--reasons FILE]
+
+``--recheck`` prints instead the names of the mutants a re-run should test again although their function is
+unchanged (mutmut keeps every verdict until the function's source changes): the survivors without a reason or
+whose reason says a later test kills them, and the timeouts (a busy machine can stretch a survivor past the
+limit).
 """
 
 from __future__ import annotations
@@ -38,15 +44,8 @@ def _reasons(path: Path) -> dict[str, str]:
     return reasons
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--group", required=True, help="the group's name, for the header")
-    parser.add_argument("--seconds", type=int, help="wall time of the run, for the header")
-    parser.add_argument("--reasons", type=Path, default=Path("bench/mutation_survivors.tsv"))
-    parser.add_argument("--commit", default="unknown", help="the commit the group's copy was taken from")
-    parser.add_argument("--note", help="a remark for the header, e.g. why the run is partial")
-    args = parser.parse_args()
-
+def _statuses() -> dict[str, dict[str, str]]:
+    """{source file: {mutant name: status}} from mutmut's results under mutants/."""
     statuses: dict[str, dict[str, str]] = {}
     for path in walk_mutatable_files():
         meta = Path("mutants") / f"{path}.meta"
@@ -54,6 +53,36 @@ def main() -> None:
             continue
         codes = json.loads(meta.read_text())["exit_code_by_key"]
         statuses[str(path)] = {name: status_by_exit_code[code] for name, code in codes.items()}
+    return statuses
+
+
+def to_recheck(statuses: dict[str, dict[str, str]], reasons: dict[str, str]) -> list[str]:
+    """The survivors that have no reason or are said to be killed by a later test, and the timeouts."""
+    return [
+        name
+        for by_name in statuses.values()
+        for name, status in by_name.items()
+        if status == "timeout" or (status == "survived" and "killed by" in reasons.get(name, "killed by"))
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--recheck", action="store_true", help="print the mutants to test again, one per line"
+    )
+    parser.add_argument("--group", help="the group's name, for the header")
+    parser.add_argument("--seconds", type=int, help="wall time of the run, for the header")
+    parser.add_argument("--reasons", type=Path, default=Path("bench/mutation_survivors.tsv"))
+    parser.add_argument("--commit", default="unknown", help="the commit the group's copy was taken from")
+    parser.add_argument("--note", help="a remark for the header, e.g. why the run is partial")
+    args = parser.parse_args()
+    statuses = _statuses()
+    if args.recheck:
+        print("\n".join(to_recheck(statuses, _reasons(args.reasons))))
+        return
+    if args.group is None:
+        parser.error("--group is required (or --recheck)")
 
     print(f"# Mutation testing: {args.group}\n")
     print(f"- command: `bash bench/mutation.sh {args.group}`")
