@@ -79,7 +79,8 @@ def main() -> None:
     args = parser.parse_args()
     statuses = _statuses()
     if args.recheck:
-        print("\n".join(to_recheck(statuses, _reasons(args.reasons))))
+        for name in to_recheck(statuses, _reasons(args.reasons)):
+            print(name)
         return
     if args.group is None:
         parser.error("--group is required (or --recheck)")
