@@ -27,7 +27,7 @@ from pacsrl.data import (
     resolve_dataset,
     validate_records,
 )
-from pacsrl.data.benchmarks import gsm8k_final_answer, normalize_answer
+from pacsrl.data.benchmarks import gsm8k_final_answer, load_data_file, normalize_answer
 from pacsrl.data.records import report_unparseable_gold
 
 # Rows shaped like each real source (column names and value types as on the hub), with the question,
@@ -458,6 +458,38 @@ def test_cli_warns_once_about_unparseable_gold(tmp_path, caplog):
     (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]  # one warning, not one per check
     assert "row 0: '\\\\frac{'" in warning.getMessage()
     assert warning.getMessage().startswith("deepscaler: 1 of 1 gold answers")  # labelled with the dataset
+
+
+def test_an_empty_source_is_an_error_not_an_empty_dataset(fake_hub, monkeypatch, tmp_path, capsys):
+    # empty files of every format: no traceback from datasets' reader, no empty prepared file
+    datasets.Dataset.from_dict({"problem": [], "answer": [], "solution": []}).to_parquet(
+        tmp_path / "e.parquet"
+    )
+    (tmp_path / "e.jsonl").write_text("")
+    (tmp_path / "e.json").write_text("[]")
+    out = tmp_path / "o.jsonl"
+    for name in ("e.parquet", "e.jsonl", "e.json"):
+        with pytest.raises(ValueError, match="has no rows"):
+            load_data_file(tmp_path / name)
+        assert pacsrl.cli.main(["prepare", "math500", "--path", str(tmp_path / name), "-o", str(out)]) == 1
+        err = capsys.readouterr().err  # after datasets' progress bars
+        assert (
+            err.splitlines()[-1] == f"pacsrl prepare: error: data file {str(tmp_path / name)!r} has no rows"
+        )
+        assert not out.exists()
+    # any other error of datasets' reader keeps its own words
+    (tmp_path / "bad.jsonl").write_text('{"problem": "1+1", "answer": "2"}\n{"problem": [}\n')
+    with pytest.raises(ValueError, match="position") as err:
+        load_data_file(tmp_path / "bad.jsonl")
+    assert "no rows" not in str(err.value)
+    # a hub split with no rows
+    monkeypatch.setitem(SOURCES, "gsm8k", [])
+    assert pacsrl.cli.main(["prepare", "gsm8k", "--split", "train", "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.endswith(
+        "pacsrl prepare: error: 'openai/gsm8k' split 'train' has no rows: pick another split\n"
+    )
+    assert not out.exists()
 
 
 def test_cli_passes_the_split_to_the_hub(fake_hub, tmp_path, capsys):

@@ -161,7 +161,13 @@ def load_data_file(path: str | Path) -> datasets.Dataset:
         )
     if not path.is_file():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist")
-    return datasets.load_dataset(builder, data_files=str(path), split="train")
+    empty = ValueError(f"data file {str(path)!r} has no rows")
+    try:
+        return datasets.load_dataset(builder, data_files=str(path), split="train")
+    except StopIteration:  # datasets' JSON reader found no first row to infer the columns from
+        raise empty from None
+    except ValueError as err:  # and its builder wrote no rows: 'Instruction "train" corresponds to no data!'
+        raise empty if "corresponds to no data" in str(err) else err from None
 
 
 def _is_local(path: str) -> bool:
@@ -185,7 +191,10 @@ def load_source(preparer: Preparer, path: str | None = None, split: str | None =
     config = preparer.hub_config if hub_id == preparer.hub_id else None
     split = split or preparer.split
     logger.info("%s: loading %s (config %s, split %s) from the hub", preparer.name, hub_id, config, split)
-    return datasets.load_dataset(hub_id, config, split=split)
+    raw = datasets.load_dataset(hub_id, config, split=split)
+    if len(raw) == 0:
+        raise ValueError(f"{hub_id!r} split {split!r} has no rows: pick another split")
+    return raw
 
 
 def _check_limit(limit: int | None) -> None:
