@@ -707,7 +707,10 @@ def test_cli_summary_lists_five_bad_golds_then_counts_the_rest(tmp_path, capsys)
 def test_is_local_and_hub_paths(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     calls = []
-    monkeypatch.setattr(benchmarks.datasets, "load_dataset", lambda *a, **k: calls.append((*a, k["split"])))
+    one_row = datasets.Dataset.from_list([{"question": "1+1?", "answer": "2"}])
+    monkeypatch.setattr(
+        benchmarks.datasets, "load_dataset", lambda *a, **k: calls.append((*a, k["split"])) or one_row
+    )
     assert benchmarks._is_local("owner/data.parquet")  # a data suffix makes it a (missing) file, not a hub id
     assert benchmarks._is_local("owner/DATA.JSONL")
     assert benchmarks._is_local("no-slash")  # not shaped like owner/name
