@@ -15,7 +15,8 @@
 # Runs are incremental. A group's folder is kept, and its verdicts and test timings are also copied to
 # bench/results/mutation/cache/GROUP (committed), which a fresh clone starts from: mutmut re-tests only the
 # functions whose source changed since, and this script then tests again the survivors that have no reason
-# or are said to be killed by a later test, and the timeouts. An interrupted run goes on where it stopped.
+# or are said to be killed by a later test, the timeouts, and the mutants no test ran. An interrupted run goes
+# on where it stopped.
 # FRESH=1 forgets every verdict and tests every mutant (after weakening or removing a test, say).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -129,13 +130,14 @@ EOF
     # shellcheck disable=SC2086
     PYTHONPATH=$work/mutants/src:$work/.plugins mutmut run --max-children "${MAX_CHILDREN:-$cores}" ${MUTANTS:-} \
         > mutmut.log 2>&1 || status=$?
-    # mutmut keeps a verdict until its function changes; a test added since can kill a survivor, and a
-    # timeout on a busy machine can be a survivor: test those again (mutation_summary.py --recheck)
+    # mutmut keeps a verdict until its function changes; a test added since can kill a survivor or run a
+    # mutant no test ran, and a timeout on a busy machine can be a survivor: test those again
+    # (mutation_summary.py --recheck)
     if [ "$status" -eq 0 ] && [ -z "${MUTANTS:-}" ]; then
         mapfile -t recheck < <(python "$root/bench/mutation_summary.py" --recheck \
             --reasons "$root/bench/mutation_survivors.tsv")
         if [ "${#recheck[@]}" -gt 0 ]; then
-            echo "$group: testing again ${#recheck[@]} survivors and timeouts" >> mutmut.log
+            echo "$group: testing again ${#recheck[@]} survivors, timeouts and mutants no test ran" >> mutmut.log
             PYTHONPATH=$work/mutants/src:$work/.plugins mutmut run --max-children "${MAX_CHILDREN:-$cores}" \
                 "${recheck[@]}" >> mutmut.log 2>&1 || status=$?
         fi

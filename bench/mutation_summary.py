@@ -9,8 +9,8 @@ or killed by a test added since. Survivors without a reason are flagged: each ne
 
 ``--recheck`` prints instead the names of the mutants a re-run should test again although their function is
 unchanged (mutmut keeps every verdict until the function's source changes): the survivors without a reason or
-whose reason says a later test kills them, and the timeouts (a busy machine can stretch a survivor past the
-limit).
+whose reason says a later test kills them, the timeouts (a busy machine can stretch a survivor past the
+limit), and the mutants no test ran.
 """
 
 from __future__ import annotations
@@ -57,12 +57,14 @@ def _statuses() -> dict[str, dict[str, str]]:
 
 
 def to_recheck(statuses: dict[str, dict[str, str]], reasons: dict[str, str]) -> list[str]:
-    """The survivors that have no reason or are said to be killed by a later test, and the timeouts."""
+    """The survivors that have no reason or are said to be killed by a later test, the timeouts, and the
+    mutants no test ran (a test added since may run them)."""
     return [
         name
         for by_name in statuses.values()
         for name, status in by_name.items()
-        if status == "timeout" or (status == "survived" and "killed by" in reasons.get(name, "killed by"))
+        if status in ("timeout", "no tests")
+        or (status == "survived" and "killed by" in reasons.get(name, "killed by"))
     ]
 
 
