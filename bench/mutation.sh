@@ -124,6 +124,9 @@ EOF
     mkdir -p mutants/src
     # the test-order plugin, alone in its folder so that nothing else in bench/ can shadow a test's import
     mkdir -p .plugins && cp "$root/bench/mutation_order.py" .plugins/
+    # the verdicts as they are before this run, to count the mutants it tests
+    rm -rf before && mkdir before
+    (cd mutants && find src -name '*.meta' -exec cp --parents -t ../before {} +)
     start=$(date +%s)
     status=0
     set -f  # MUTANTS holds several patterns, passed to mutmut unexpanded
@@ -150,7 +153,7 @@ EOF
         echo "$group: mutmut run failed (exit $status) after ${seconds} s; log: $work/mutmut.log" >&2
         exit "$status"
     fi
-    python "$root/bench/mutation_summary.py" --group "$group" --seconds "$seconds" \
+    python "$root/bench/mutation_summary.py" --group "$group" --seconds "$seconds" --before before \
         --reasons "$root/bench/mutation_survivors.tsv" --commit "$commit" \
         ${MUTANTS:+--note "only the mutants matching: $MUTANTS (the others are not checked)"} > "$out/$group.md"
     echo "$group: ${seconds} s; $(grep -m1 '^| total' "$out/$group.md")"

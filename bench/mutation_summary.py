@@ -4,7 +4,7 @@ Run by bench/mutation.sh in a group's copy of the tree. Counts per module, then 
 with its diff and, when the reasons file lists it (``mutant name<TAB>reason``), why it is fine: harmless,
 or killed by a test added since. Survivors without a reason are flagged: each needs a test that kills it.
 
-    python bench/mutation_summary.py --group G [--seconds S] [--reasons FILE] [--commit C] [--note N]
+    python bench/mutation_summary.py --group G [--seconds S] [--before DIR] [--reasons FILE] [--commit C] [--note N]
     python bench/mutation_summary.py --recheck [--reasons FILE]
 
 ``--recheck`` prints instead the names of the mutants a re-run should test again although their function is
@@ -56,6 +56,26 @@ def _statuses() -> dict[str, dict[str, str]]:
     return statuses
 
 
+def _tested(before: Path) -> tuple[int, int]:
+    """(mutants tested in this run, mutants in all): a mutant counts as tested when mutmut recorded a new
+    duration for it since ``before`` (a copy of mutants/'s .meta files taken before the run)."""
+    tested = total = 0
+    for path in walk_mutatable_files():
+        meta = Path("mutants") / f"{path}.meta"
+        if not meta.exists():
+            continue
+        now = json.loads(meta.read_text())
+        old = before / f"{path}.meta"
+        then = json.loads(old.read_text())["durations_by_key"] if old.exists() else {}
+        total += len(now["exit_code_by_key"])
+        tested += sum(
+            1
+            for name, code in now["exit_code_by_key"].items()
+            if code is not None and now["durations_by_key"].get(name) != then.get(name)
+        )
+    return tested, total
+
+
 def to_recheck(statuses: dict[str, dict[str, str]], reasons: dict[str, str]) -> list[str]:
     """The survivors that have no reason or are said to be killed by a later test, the timeouts, and the
     mutants no test ran (a test added since may run them)."""
@@ -77,6 +97,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, help="wall time of the run, for the header")
     parser.add_argument("--reasons", type=Path, default=Path("bench/mutation_survivors.tsv"))
     parser.add_argument("--commit", default="unknown", help="the commit the group's copy was taken from")
+    parser.add_argument("--before", type=Path, help="mutants/'s .meta files as they were before the run")
     parser.add_argument("--note", help="a remark for the header, e.g. why the run is partial")
     args = parser.parse_args()
     statuses = _statuses()
@@ -94,6 +115,12 @@ def main() -> None:
     print(f"- machine: {os.cpu_count()} cores, {platform.machine()}, Python {sys.version.split()[0]}")
     if args.seconds is not None:
         print(f"- wall time: {args.seconds} s ({args.seconds / 60:.1f} min)")
+    if args.before is not None:
+        tested, total = _tested(args.before)
+        print(
+            f"- tested in this run: {tested} of {total} mutants; the others' verdicts are kept from earlier runs"
+            " (their functions are unchanged)"
+        )
     selection = shlex.join(config().pytest_add_cli_args_test_selection + config().pytest_add_cli_args)
     print(f"- tests: `pytest {selection}`, those that run the changed function")
     if args.note:
