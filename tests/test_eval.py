@@ -116,19 +116,62 @@ def test_pass_at_k_vectorised_matches_scalar():
     np.testing.assert_allclose(pass_at_k(8, 2, np.array([1, 2, 8])), [0.25, 1 - 15 / 28, 1.0], rtol=1e-12)
 
 
+@pytest.mark.filterwarnings("error")  # a stray numpy warning (say, a division by zero) fails the test
+@pytest.mark.parametrize(
+    ("n", "c", "k"),
+    [
+        (4, 1, 2),  # Python ints
+        (4.0, 1.0, 2.0),  # whole floats are counts too
+        (np.float32(4), np.float32(1), np.float32(2)),  # of any float width
+        (np.uint8(4), np.int16(1), np.int64(2)),  # and ints of any width
+    ],
+)
+def test_pass_at_k_takes_whole_numbers_of_any_real_dtype(n, c, k):
+    got = pass_at_k(n, c, k)
+    assert type(got) is float  # a Python float for scalars, not a numpy scalar
+    assert got == 0.5  # n=4, c=1, k=2: 1 - C(3,2)/C(4,2) = 1 - 3/6, exact in binary
+
+
+def test_pass_at_k_of_no_problems_is_an_empty_array():
+    for empty in (np.array([], dtype=np.int64), np.array([])):
+        got = pass_at_k(empty, empty, 1)
+        assert isinstance(got, np.ndarray) and got.shape == (0,) and got.dtype == np.float64
+
+
 @pytest.mark.parametrize(
     ("n", "c", "k", "match"),
     [
-        (4, 1, 5, r"k must be <= n.*n=4, c=1, k=5"),
-        (4, 5, 2, r"c \(correct samples\) must be <= n.*n=4, c=5"),
-        (4, -1, 2, r"c must be >= 0.*c=-1"),
-        (-3, 0, 1, r"n must be >= 1.*n=-3"),
-        (4, 1, 0, r"k must be >= 1.*k=0"),
-        (4, 1.5, 2, r"c must hold whole numbers"),
-        (np.array([4, 8]), np.array([1, 9]), 2, r"c \(correct samples\) must be <= n.*n=8, c=9.*index 1"),
+        # not a count: the message opens with the argument's name and shows its value
+        (True, 1, 1, r"^n must be an integer or an array of integers, got True$"),
+        (4, np.array([True, False]), 1, r"^c must be an integer or an array of integers, got array\(\[ True"),
+        (4, "1", 1, r"^c must be an integer or an array of integers, got '1'$"),
+        (4, 1, 2j, r"^k must be an integer or an array of integers, got 2j$"),
+        (2.5, 1, 1, r"^n must hold whole numbers, got 2\.5$"),
+        (4, 1.5, 2, r"^c must hold whole numbers, got 1\.5$"),
+        (4, 1, np.float32(1.5), r"^k must hold whole numbers, got np\.float32\(1\.5\)$"),
+        (4, 1, math.inf, r"^k must hold whole numbers, got inf$"),
+        # out of range: the broken rule, then the values; a scalar call has no index
+        (-3, 0, 1, r"^n must be >= 1; got n=-3, c=0, k=1$"),
+        (4, -1, 2, r"^c must be >= 0; got n=4, c=-1, k=2$"),
+        (4, 1, 0, r"^k must be >= 1; got n=4, c=1, k=0$"),
+        (4, 5, 2, r"^c \(correct samples\) must be <= n \(samples\); got n=4, c=5, k=2$"),
+        (4, 1, 5, r"^k must be <= n: .*; got n=4, c=1, k=5$"),
+        # arrays: the first offending element, by its index (a plain int in 1-D, a tuple in 2-D)
+        (
+            np.array([4, 8]),
+            np.array([1, 9]),
+            2,
+            r"^c \(correct samples\) must be <= n.*; got n=8, c=9, k=2 at index 1$",
+        ),
+        (
+            np.full((2, 2), 4),
+            1,
+            np.array([[1, 2], [5, 1]]),
+            r"^k must be <= n: .*; got n=4, c=1, k=5 at index \(1, 0\)$",
+        ),
     ],
 )
-def test_pass_at_k_errors_name_the_values(n, c, k, match):
+def test_pass_at_k_refusals_name_the_argument_and_the_values(n, c, k, match):
     with pytest.raises(ValueError, match=match):
         pass_at_k(n, c, k)
 

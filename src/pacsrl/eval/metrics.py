@@ -72,7 +72,7 @@ def pass_at_k(n: Any, c: Any, k: Any) -> float | np.ndarray:
     ]
     for bad, message in checks:
         if np.any(bad):
-            i = tuple(np.argwhere(bad)[0])
+            i = tuple(int(j) for j in np.argwhere(bad)[0])  # ints: numpy 2 prints np.int64(1) in a tuple
             where = "" if scalar else f" at index {i if len(i) > 1 else i[0]}"
             raise ValueError(f"{message}; got n={n_arr[i]}, c={c_arr[i]}, k={k_arr[i]}{where}")
 
