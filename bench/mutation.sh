@@ -17,7 +17,8 @@
 # functions whose source changed since, and this script then tests again the survivors that have no reason
 # or are said to be killed by a later test, the timeouts, and the mutants no test ran. An interrupted run goes
 # on where it stopped.
-# FRESH=1 forgets every verdict and tests every mutant (after weakening or removing a test, say).
+# FRESH=1 forgets every verdict and tests every mutant (after weakening or removing a test, say); the
+# committed verdicts are replaced only when it completes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -51,52 +52,76 @@ declare -A FILTER=(
 groups=("$@")
 [ "${#groups[@]}" -gt 0 ] || groups=(objective rewards eval data)
 for group in "${groups[@]}"; do
-    [ -n "${MODULES[$group]:-}" ] || { echo "unknown group '$group': use objective, rewards, eval or data" >&2; exit 2; }
+    case $group in
+        objective | rewards | eval | data) ;;
+        *) echo "unknown group '$group': use objective, rewards, eval or data" >&2; exit 2 ;;
+    esac
 done
+case ${FRESH:-} in
+    '' | 0) fresh= ;;
+    1) fresh=1 ;;
+    *) echo "FRESH must be 1 (or unset), not '$FRESH'" >&2; exit 2 ;;
+esac
+if [ -n "$fresh" ] && [ -n "${MUTANTS:-}" ]; then
+    echo "FRESH=1 with MUTANTS would leave every other mutant unchecked in the committed verdicts:" \
+        "run FRESH=1 without MUTANTS, or MUTANTS without FRESH=1" >&2
+    exit 2
+fi
 
 cores=$(python -c "import os; print(len(os.sched_getaffinity(0)))")  # nproc would report OMP_NUM_THREADS
 # one torch thread per mutant: MAX_CHILDREN of them share the cores, and a child forked from a process whose
 # OpenMP pool has started hangs at its first parallel op (every mutant then "times out")
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
-TEST_TIMEOUT=${TEST_TIMEOUT:-30}  # seconds for one test of one mutant (pytest-timeout, in the dev extra)
-# fastest: each mutant's tests run quickest first (bench/mutation_order.py), so the first failure comes sooner;
-# file: in file order, as mutmut does by itself
-TEST_ORDER=${TEST_ORDER:-fastest}
-case $TEST_ORDER in
-    # loaded by name from the environment, not by a pytest argument: mutmut resets every verdict when its
-    # pytest arguments change, and the order cannot change a verdict
-    fastest) export PYTEST_PLUGINS=mutation_order ;;
-    file) unset PYTEST_PLUGINS ;;
-    *) echo "TEST_ORDER must be fastest or file, not '$TEST_ORDER'" >&2; exit 2 ;;
-esac
-# the verdicts and test timings of the group being run (in its folder's mutants/), to the committed cache, so
-# that a fresh clone's run is incremental too; also when the run fails or is interrupted
+# seconds for one test of one mutant (pytest-timeout, in the dev extra). It is one of mutmut's pytest
+# arguments, and mutmut forgets every verdict when those change: another value means testing every mutant.
+TEST_TIMEOUT=${TEST_TIMEOUT:-30}
+# The verdicts and test timings of the group being run (in its folder's mutants/), to the committed cache, so
+# that a fresh clone's run is incremental too; also when the run fails or is interrupted, except in a FRESH
+# run (its folder keeps what it tested: the next run without FRESH goes on from there). The copy is made
+# beside the cache and then moved in, and mutmut's sets are sorted, so that an unchanged cache stays
+# byte-for-byte the same.
 save_cache() {
     [ -n "${work:-}" ] && [ -f "$work/mutants/mutmut-stats.json" ] || return 0
-    rm -rf "$cache" && mkdir -p "$cache"
-    cp "$work/mutants/mutmut-stats.json" "$cache/"
-    (cd "$work/mutants" && find src -name '*.meta' -exec cp --parents -t "$cache" {} +)
+    local tmp=$cache.tmp
+    rm -rf "$tmp" && mkdir -p "$tmp"
+    python - "$work/mutants/mutmut-stats.json" "$tmp/mutmut-stats.json" <<'PY'
+import json, sys
+stats = json.load(open(sys.argv[1]))
+for key in ("tests_by_mangled_function_name", "function_dependencies"):
+    stats[key] = {name: sorted(values) for name, values in stats.get(key, {}).items()}
+json.dump(stats, open(sys.argv[2], "w"), indent=4, sort_keys=True)
+PY
+    (cd "$work/mutants" && find src -name '*.meta' -exec cp --parents -t "$tmp" {} +)
+    rm -rf "$cache" && mv "$tmp" "$cache"
 }
-trap 'save_cache; exit 130' INT TERM
+interrupted() {
+    [ -n "$fresh" ] || save_cache
+    exit "$1"
+}
+trap 'interrupted 130' INT
+trap 'interrupted 143' TERM
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false MPLBACKEND=Agg
 for group in "${groups[@]}"; do
     work=$root/.mutation/$group
     cache=$out/cache/$group
-    if [ -n "${FRESH:-}" ] || [ ! -f "$work/pyproject.toml" ]; then
+    if [ -n "$fresh" ] || [ ! -f "$work/pyproject.toml" ]; then
         rm -rf "$work" && mkdir -p "$work"
         # a fresh clone starts from the committed verdicts (mutmut's results and test timings, no mutants):
         # mutmut makes the mutants again and re-tests only the functions whose source differs from the
         # cached hashes
-        if [ -z "${FRESH:-}" ] && [ -f "$cache/mutmut-stats.json" ]; then
+        if [ -z "$fresh" ] && [ -f "$cache/mutmut-stats.json" ]; then
             mkdir -p "$work/mutants" && cp -r "$cache/." "$work/mutants/"
         fi
     else
-        rm -rf "$work/tests" "$work/pyproject.toml"  # replaced below; mutants/ keeps mutmut's results
+        # everything but mutants/ (mutmut's results) is replaced below, so a deleted module is gone too
+        find "$work" -mindepth 1 -maxdepth 1 ! -name mutants -exec rm -rf {} +
     fi
-    # the working tree as it is (tracked and new files), so uncommitted tests count too
-    git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t "$work"
+    # the working tree as it is (tracked files still there, and new ones), so uncommitted tests count too
+    git ls-files -z --cached --others --exclude-standard |
+        while IFS= read -r -d '' f; do [ ! -e "$f" ] || printf '%s\0' "$f"; done |
+        xargs -0 cp --parents -t "$work"
     commit="commit $(git rev-parse --short HEAD)"
-    git diff --quiet HEAD -- src tests || commit+=" with uncommitted changes to src/ or tests/"
+    [ -z "$(git status --porcelain -- src tests)" ] || commit+=" with uncommitted changes to src/ or tests/"
     filter=""
     [ -z "${FILTER[$group]}" ] || filter=", \"-k\", \"${FILTER[$group]}\""
     cat >> "$work/pyproject.toml" <<EOF
@@ -108,8 +133,9 @@ pytest_add_cli_args_test_selection = [${TESTS[$group]}]
 pytest_add_cli_args = ["-p", "no:cacheprovider", "-m", "not slow and not gpu", "--timeout=$TEST_TIMEOUT"$filter]
 # a mutant that hangs (a broken deadline in the verifier's pool) fails the test it hangs in after TEST_TIMEOUT
 # seconds (pytest-timeout; the slowest unmutated test takes about 12 s on a busy machine), and the run stops
-# there (-x): caught. mutmut's own limit, 3 times the mutant's tests' unmutated time plus 5 s, is the backstop
-# (a hang at exit); its default, 15 times, let one mutant hold a core for 20 minutes. A machine busier than
+# there (-x): caught. mutmut's own limit, a CPU time of (t + 5 s) x 3 x 2 where t is the mutant's tests'
+# unmutated time, is the backstop (a hang at exit); its default, 15 times, let one mutant hold a core for 20
+# minutes. A machine busier than
 # when the tests were timed can stretch a survivor past either: re-check the timeouts of a run made beside
 # other work (a changed multiplier re-runs only them)
 timeout_multiplier = 3.0
@@ -122,8 +148,6 @@ EOF
     # folder must exist before Python starts: a sys.path entry missing at start-up is cached as missing,
     # and the tests would silently import the unmutated package.
     mkdir -p mutants/src
-    # the test-order plugin, alone in its folder so that nothing else in bench/ can shadow a test's import
-    mkdir -p .plugins && cp "$root/bench/mutation_order.py" .plugins/
     # the verdicts as they are before this run, to count the mutants it tests
     rm -rf before && mkdir before
     (cd mutants && find src -name '*.meta' -exec cp --parents -t ../before {} +)
@@ -131,7 +155,7 @@ EOF
     status=0
     set -f  # MUTANTS holds several patterns, passed to mutmut unexpanded
     # shellcheck disable=SC2086
-    PYTHONPATH=$work/mutants/src:$work/.plugins mutmut run --max-children "${MAX_CHILDREN:-$cores}" ${MUTANTS:-} \
+    PYTHONPATH=$work/mutants/src mutmut run --max-children "${MAX_CHILDREN:-$cores}" ${MUTANTS:-} \
         > mutmut.log 2>&1 || status=$?
     # mutmut keeps a verdict until its function changes; a test added since can kill a survivor or run a
     # mutant no test ran, and a timeout on a busy machine can be a survivor: test those again
@@ -141,21 +165,28 @@ EOF
             --reasons "$root/bench/mutation_survivors.tsv")
         if [ "${#recheck[@]}" -gt 0 ]; then
             echo "$group: testing again ${#recheck[@]} survivors, timeouts and mutants no test ran" >> mutmut.log
-            PYTHONPATH=$work/mutants/src:$work/.plugins mutmut run --max-children "${MAX_CHILDREN:-$cores}" \
+            PYTHONPATH=$work/mutants/src mutmut run --max-children "${MAX_CHILDREN:-$cores}" \
                 "${recheck[@]}" >> mutmut.log 2>&1 || status=$?
         fi
     fi
     set +f
     seconds=$(( $(date +%s) - start ))
-    save_cache
+    [ -n "$fresh" ] && [ "$status" -ne 0 ] || save_cache
+    if [ "$status" -ne 0 ] && grep -q "Filtered for specific mutants, but nothing matches" mutmut.log; then
+        echo "$group: no mutant matches MUTANTS='$MUTANTS'; nothing tested" >&2
+        cd "$root"
+        continue
+    fi
     if [ "$status" -ne 0 ]; then
-        tail -n 30 mutmut.log >&2
+        python -c "import sys; lines = open('mutmut.log', errors='replace').read().replace('\r', '\n').split('\n')
+print('\n'.join([l for l in lines if l.strip() and not '\u2800' <= l[0] <= '\u28ff'][-30:]))" >&2  # no spinner
         echo "$group: mutmut run failed (exit $status) after ${seconds} s; log: $work/mutmut.log" >&2
         exit "$status"
     fi
     python "$root/bench/mutation_summary.py" --group "$group" --seconds "$seconds" --before before \
         --reasons "$root/bench/mutation_survivors.tsv" --commit "$commit" \
-        ${MUTANTS:+--note "only the mutants matching: $MUTANTS (the others are not checked)"} > "$out/$group.md"
+        ${MUTANTS:+--note "only the mutants matching: $MUTANTS (the others are not checked)"} > summary.md
+    mv summary.md "$out/$group.md"
     echo "$group: ${seconds} s; $(grep -m1 '^| total' "$out/$group.md")"
     cd "$root"
 done
