@@ -142,6 +142,9 @@ timeout_multiplier = 3.0
 timeout_constant = 5.0
 # the words of error, log and progress-bar messages are not behaviour: lines that start one are not mutated
 do_not_mutate_patterns = ['raise \w+\(', 'logger\.\w+\(', 'tqdm\(']
+# mutmut warns when a file its hashes cannot follow (not Python) changed since the verdicts were made; the
+# docs, the benchmarks and their results (this cache among them) cannot change a test's outcome
+cache_invalidation_exclude = ["*.md", "docs/*", "bench/*", ".ci/*", ".gitignore"]
 EOF
     cd "$work"
     # The verifier's worker subprocesses must import the mutated copy too (they inherit PYTHONPATH). The
@@ -187,6 +190,11 @@ print('\n'.join([l for l in lines if l.strip() and not '\u2800' <= l[0] <= '\u28
         --reasons "$root/bench/mutation_survivors.tsv" --commit "$commit" \
         ${MUTANTS:+--note "only the mutants matching: $MUTANTS (the others are not checked)"} > summary.md
     mv summary.md "$out/$group.md"
+    # files mutmut cannot follow (test data, the package's metadata) changed: the verdicts were kept
+    if grep -aq "non-Python file(s) changed since the last full run" mutmut.log; then
+        echo "$group: $(grep -a -m1 -o '[0-9]* non-Python file(s) changed since the last full run: .*' mutmut.log);" \
+            "verdicts kept: if these change what a test checks, run again with FRESH=1" >&2
+    fi
     echo "$group: ${seconds} s; $(grep -m1 '^| total' "$out/$group.md")"
     cd "$root"
 done
