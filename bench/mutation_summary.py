@@ -33,15 +33,26 @@ from mutmut.utils.file_utils import walk_mutatable_files
 COLUMNS = ("killed", "survived", "timeout", "no tests", "not checked")
 
 
-def _reasons(path: Path) -> dict[str, str]:
+def _reasons(path: Path) -> dict[str, tuple[str, str | None]]:
+    """{mutant name: (reason, the line the mutant wrote when the reason was given, or None)}."""
     if not path.exists():
         return {}
     reasons = {}
     for line in path.read_text(encoding="utf-8").splitlines():
         if line.strip() and not line.startswith("#"):
-            name, _, reason = line.partition("\t")
-            reasons[name.strip()] = reason.strip()
+            name, _, rest = line.partition("\t")
+            reason, _, changed = rest.partition("\t")
+            reasons[name.strip()] = (reason.strip(), changed.strip() or None)
     return reasons
+
+
+def changed_line(diff: str) -> str:
+    """The first line a mutant's diff adds that it does not also remove, stripped (a statement over several
+    lines is shown whole): what a reason line records to stay on its mutant."""
+    lines = diff.splitlines()
+    removed = {line[1:].strip() for line in lines if line[:1] == "-" and line[:3] != "---"}
+    added = [line[1:].strip() for line in lines if line[:1] == "+" and line[:3] != "+++"]
+    return next((line for line in added if line not in removed), added[0] if added else "")
 
 
 def _statuses() -> dict[str, dict[str, str]]:
@@ -76,7 +87,7 @@ def _tested(before: Path) -> tuple[int, int]:
     return tested, total
 
 
-def to_recheck(statuses: dict[str, dict[str, str]], reasons: dict[str, str]) -> list[str]:
+def to_recheck(statuses: dict[str, dict[str, str]], reasons: dict[str, tuple[str, str | None]]) -> list[str]:
     """The survivors that have no reason or are said to be killed by a later test, the timeouts, and the
     mutants no test ran (a test added since may run them)."""
     return [
@@ -84,7 +95,7 @@ def to_recheck(statuses: dict[str, dict[str, str]], reasons: dict[str, str]) -> 
         for by_name in statuses.values()
         for name, status in by_name.items()
         if status in ("timeout", "no tests")
-        or (status == "survived" and "killed by" in reasons.get(name, "killed by"))
+        or (status == "survived" and "killed by" in reasons.get(name, ("killed by", None))[0])
     ]
 
 
@@ -145,16 +156,28 @@ def main() -> None:
     survivors = [
         (path, name) for path, by_name in statuses.items() for name, s in by_name.items() if s == "survived"
     ]
-    unexplained = [name for _, name in survivors if name not in reasons]
-    print(f"\n## Survivors: {len(survivors)}, {len(unexplained)} without a reason\n")
+    sections, unexplained = [], 0
+    for path, name in survivors:
+        diff = get_diff_for_mutant(name, path=path).strip()
+        reason, recorded = reasons.get(name, (None, None))
+        if reason is None:
+            reason = "**no reason given: add a test that kills it, or explain it**"
+            unexplained += 1
+        elif recorded is not None and recorded != changed_line(diff):
+            # mutmut numbers a function's mutants in order: a change to the function renumbers them
+            reason = (
+                f"**this reason was given for another change (`{recorded}`): the function changed and its"
+                f" mutants were renumbered; give this one its own**"
+            )
+            unexplained += 1
+        sections.append(f"### `{name}`\n\n{reason}\n\n```diff\n{diff}\n```\n")
+    print(f"\n## Survivors: {len(survivors)}, {unexplained} without a reason\n")
     print("A survivor is a change no test noticed. Each one needs a test that kills it, or a line in")
     print(
         "`bench/mutation_survivors.tsv`: harmless (an equivalent mutant), or killed by a test added since.\n"
     )
-    for path, name in survivors:
-        reason = reasons.get(name, "**no reason given: add a test that kills it, or explain it**")
-        diff = get_diff_for_mutant(name, path=path).strip()
-        print(f"### `{name}`\n\n{reason}\n\n```diff\n{diff}\n```\n")
+    for section in sections:
+        print(section)
     # the rest, by function: timeouts and the like one by one, "no tests" and "not checked" as counts
     by_function: dict[tuple[str, str], list[str]] = {}
     for by_name in statuses.values():
