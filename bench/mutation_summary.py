@@ -1,8 +1,9 @@
 """Markdown summary of the ``mutmut run`` in the current folder (read from ``mutants/``).
 
 Run by bench/mutation.sh in a group's copy of the tree. Counts per module, then every surviving mutant
-with its diff and, when the reasons file lists it (``mutant name<TAB>reason``), why it is fine: harmless,
-or killed by a test added since. Survivors without a reason are flagged: each needs a test that kills it.
+with its diff and, when the reasons file lists it (``mutant name<TAB>reason[<TAB>the line it changes]``), why
+it is fine: harmless, or killed by a test added since. Survivors without a reason are flagged (each needs a
+test that kills it), and so are reasons whose recorded line is not their mutant's (renumbered since).
 
     python bench/mutation_summary.py --group G [--seconds S] [--before DIR] [--reasons FILE] [--commit C] [--note N]
     python bench/mutation_summary.py --recheck [--reasons FILE]
