@@ -56,34 +56,35 @@ def changed_line(diff: str) -> str:
     return next((line for line in added if line not in removed), added[0] if added else "")
 
 
-def _statuses() -> dict[str, dict[str, str]]:
-    """{source file: {mutant name: status}} from mutmut's results under mutants/."""
-    statuses: dict[str, dict[str, str]] = {}
+def _metas(folder: Path = Path("mutants")) -> dict[str, dict]:
+    """{source file: mutmut's .meta record for it} under ``folder`` (mutants/, or a copy of its .meta files)."""
+    metas = {}
     for path in walk_mutatable_files():
-        meta = Path("mutants") / f"{path}.meta"
-        if not meta.exists():
-            continue
-        codes = json.loads(meta.read_text())["exit_code_by_key"]
-        statuses[str(path)] = {name: status_by_exit_code[code] for name, code in codes.items()}
-    return statuses
+        meta = folder / f"{path}.meta"
+        if meta.exists():
+            metas[str(path)] = json.loads(meta.read_text())
+    return metas
 
 
-def _tested(before: Path) -> tuple[int, int]:
+def _statuses(metas: dict[str, dict]) -> dict[str, dict[str, str]]:
+    """{source file: {mutant name: status}}."""
+    return {
+        path: {name: status_by_exit_code[code] for name, code in meta["exit_code_by_key"].items()}
+        for path, meta in metas.items()
+    }
+
+
+def _tested(metas: dict[str, dict], before: Path) -> tuple[int, int]:
     """(mutants tested in this run, mutants in all): a mutant counts as tested when mutmut recorded a new
     duration for it since ``before`` (a copy of mutants/'s .meta files taken before the run)."""
+    then = {path: meta["durations_by_key"] for path, meta in _metas(before).items()}
     tested = total = 0
-    for path in walk_mutatable_files():
-        meta = Path("mutants") / f"{path}.meta"
-        if not meta.exists():
-            continue
-        now = json.loads(meta.read_text())
-        old = before / f"{path}.meta"
-        then = json.loads(old.read_text())["durations_by_key"] if old.exists() else {}
+    for path, now in metas.items():
         total += len(now["exit_code_by_key"])
         tested += sum(
             1
             for name, code in now["exit_code_by_key"].items()
-            if code is not None and now["durations_by_key"].get(name) != then.get(name)
+            if code is not None and now["durations_by_key"].get(name) != then.get(path, {}).get(name)
         )
     return tested, total
 
@@ -112,7 +113,8 @@ def main() -> None:
     parser.add_argument("--before", type=Path, help="mutants/'s .meta files as they were before the run")
     parser.add_argument("--note", help="a remark for the header, e.g. why the run is partial")
     args = parser.parse_args()
-    statuses = _statuses()
+    metas = _metas()
+    statuses = _statuses(metas)
     if args.recheck:
         for name in to_recheck(statuses, _reasons(args.reasons)):
             print(name)
@@ -128,7 +130,7 @@ def main() -> None:
     if args.seconds is not None:
         print(f"- wall time: {args.seconds} s ({args.seconds / 60:.1f} min)")
     if args.before is not None:
-        tested, total = _tested(args.before)
+        tested, total = _tested(metas, args.before)
         print(
             f"- tested in this run: {tested} of {total} mutants; the others' verdicts are kept from earlier runs"
             " (their functions are unchanged)"
