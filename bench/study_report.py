@@ -3,7 +3,9 @@
 - ``results.md``: what is finished (labelled partial until every run is in), the base model's evaluation at each
   sampling seed (its noise), final pass@k per method (mean and 95% t-interval over seeds), the paired differences
   against GRPO and against PPO for each k (mean, 95% t-interval, exact sign-test and Wilcoxon p-values; significant
-  only when the interval excludes zero), and the steps each method needs to reach GRPO's final held-out pass@1;
+  only when the interval excludes zero), the steps each method needs to reach GRPO's final held-out pass@1, and
+  whether each method has stopped improving (its curve's pass@1 over the last curve steps, and the per-seed change
+  over the last interval with its 95% t-interval);
 - ``curves.png``: held-out pass@1 and pass@n over training, mean and 95% t band per method;
 - ``pass_at_k.png``: final pass@k against k (log axis) per method, with 95% intervals;
 - ``entropy.png``: the policy's mean token entropy over training (training rollouts), mean and 95% band;
@@ -156,6 +158,34 @@ def reach_table(runs: Sequence[dict[str, Any]], names: Sequence[str], reference:
     return "\n".join(lines) + "\n"
 
 
+def plateau_table(runs: Sequence[dict[str, Any]], names: Sequence[str], last: int = 3) -> str:
+    """Per method: the mean held-out pass@1 on the curve problems at the ``last`` curve steps, and the per-seed
+    change over the last curve interval (final step minus the one before, in points): mean, 95% t-interval over
+    seeds, and how many seeds still rose. An interval above zero says the method was still improving."""
+    curves = {(r["method"], r["seed"]): _curve(r, "pass@1") for r in runs if r["method"] in names}
+    curves = {key: c for key, c in curves.items() if len(c) >= 2}
+    if not curves:
+        return "(no curve yet)\n"
+    steps = [s for s, _ in next(iter(curves.values()))][-last:]
+    head = " | ".join(f"step {s}" for s in steps)
+    lines = [
+        f"| method | seeds | {head} | change {steps[-2]} -> {steps[-1]} | 95% t-interval | seeds rising |",
+        "|---|---:|" + "---:|" * len(steps) + "---:|---|---:|",
+    ]
+    for name in names:
+        mine = [dict(c) for (m, _), c in sorted(curves.items()) if m == name]
+        mine = [c for c in mine if all(s in c for s in steps)]
+        if not mine:
+            continue
+        means = " | ".join(f"{t_interval([c[s] for c in mine])[0]:.1f}" for s in steps)
+        changes = [c[steps[-1]] - c[steps[-2]] for c in mine]
+        mean, half = t_interval(changes)
+        interval = "-" if math.isnan(half) else f"[{mean - half:+.2f}, {mean + half:+.2f}]"
+        rising = sum(d > 0 for d in changes)
+        lines.append(f"| {name} | {len(mine)} | {means} | {mean:+.2f} | {interval} | {rising}/{len(mine)} |")
+    return "\n".join(lines) + "\n"
+
+
 def times_table(runs: Sequence[dict[str, Any]], names: Sequence[str]) -> str:
     lines = ["| method | seed | wall (s) | CPU (s) |", "|---|---:|---:|---:|"]
     for name in names:
@@ -200,6 +230,9 @@ def write_report(runs: Sequence[dict[str, Any]], args: Any, config: Any, output:
         "## Final held-out pass@k (mean ± 95% t half-width over seeds)",
         "",
         final_table(runs, [BASE, *names], ks) if ks else "(no run finished yet)\n",
+        "## Still improving at the end? Held-out pass@1 on the curve problems (mean over seeds)",
+        "",
+        plateau_table(runs, names),
     ]
     for reference in _reference_names(args.method_specs):
         text += [
