@@ -100,6 +100,8 @@ DEFAULT_BASE_SEEDS = "0,1"
 DEFAULT_OUTPUT = Path("bench/results/study")
 RUNS_FILE = "runs.jsonl"
 SETTINGS_FILE = "settings.json"
+# config fields that each run sets (or that do not change results): not in a folder's settings.json
+PER_RUN = ("seed", "threads", "algorithms", "pacs_weight_mode")
 BASE = "base"
 
 
@@ -237,9 +239,9 @@ def check_settings(output: Path, settings: dict[str, Any]) -> None:
 
 
 def study_settings(config: DemoConfig) -> dict[str, Any]:
-    """What every run of a results folder shares: the config without the seed and the thread count."""
-    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("seed", "threads")}
-    settings["algorithms"] = list(settings["algorithms"])
+    """What every run of a results folder shares: the config without what each run sets (its seed, and its method's
+    algorithm and class weights) and the thread count."""
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in PER_RUN}
     settings["task_config"] = config.resolved_task_config()
     return settings
 

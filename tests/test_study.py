@@ -188,6 +188,18 @@ def test_settings_guard_refuses_changed_settings_and_records_new_ones(tmp_path):
         study.check_settings(tmp_path, {"steps": 150, "learning_rate": 3e-4, "ppo_value_lr": 1e-2})
 
 
+def test_settings_hold_what_every_run_shares_only(tmp_path):
+    # the study sets each run's algorithm, class weights and seed: settings.json holding the demo's defaults of
+    # these (algorithms ['pacs', 'grpo']) would misstate what the folder's runs did
+    _, config = study.parse_args(["--smoke", "--output", str(tmp_path)])
+    settings = study.study_settings(config)
+    assert not {"algorithms", "pacs_weight_mode", "seed", "threads"} & set(settings)
+    assert settings["pacs_beta"] == config.pacs_beta and settings["steps"] == config.steps
+    # a folder written while settings.json still held them resumes: they are neither compared nor refused
+    (tmp_path / "settings.json").write_text(json.dumps({**settings, "algorithms": ["pacs", "grpo"]}))
+    study.check_settings(tmp_path, settings)
+
+
 def test_pending_jobs_skip_finished_runs_seed_by_seed():
     args, _ = study.parse_args(["--smoke", "--methods", "pacs,grpo", "--seeds", "0,1", "--base-seeds", "0"])
     runs = [{"spec": "base", "seed": 0}, {"spec": "grpo", "seed": 0}]
