@@ -4,8 +4,8 @@
   sampling seed (its noise), final pass@k per method (mean and 95% t-interval over seeds), the paired differences
   against GRPO and against PPO for each k (mean, 95% t-interval, exact sign-test and Wilcoxon p-values; significant
   only when the interval excludes zero), the steps each method needs to reach GRPO's final held-out pass@1, and
-  whether each method has stopped improving (its curve's pass@1 over the last curve steps, and the per-seed change
-  over the last interval with its 95% t-interval);
+  whether each method still improves at the end (its curve's pass@1 at the last three curve steps, and the per-seed
+  change across them with its 95% t-interval);
 - ``curves.png``: held-out pass@1 and pass@n over training, mean and 95% t band per method;
 - ``pass_at_k.png``: final pass@k against k (log axis) per method, with 95% intervals;
 - ``entropy.png``: the policy's mean token entropy over training (training rollouts), mean and 95% band;
@@ -28,6 +28,13 @@ from pacsrl.demo.config import Method
 BASE = "base"
 REFERENCES = ("grpo", "ppo")
 PLOTS = ("curves.png", "pass_at_k.png", "entropy.png", "paired.png")
+BAND_TITLE = "line: mean over seeds; band: 95% t-interval over seeds"
+SIGNIFICANCE_NOTE = (
+    "'significant': the 95% t-interval excludes zero (it assumes the per-seed differences are roughly normal). "
+    "With n seeds the exact tests cannot go below p = 2 / 2^n (0.0625 at 5 seeds, 0.0078 at 8), so they can "
+    "disagree with it. These tables hold many comparisons, correlated across k: at 95%, about one in twenty "
+    "would come out 'significant' with no real difference."
+)
 
 
 def method_names(specs: Sequence[str]) -> list[str]:
@@ -160,8 +167,9 @@ def reach_table(runs: Sequence[dict[str, Any]], names: Sequence[str], reference:
 
 def plateau_table(runs: Sequence[dict[str, Any]], names: Sequence[str], last: int = 3) -> str:
     """Per method: the mean held-out pass@1 on the curve problems at the ``last`` curve steps, and the per-seed
-    change over the last curve interval (final step minus the one before, in points): mean, 95% t-interval over
-    seeds, and how many seeds still rose. An interval above zero says the method was still improving."""
+    change from the first of them to the final step (in points): mean, 95% t-interval over seeds, and how many
+    seeds still rose. An interval above zero says the method was still improving; one that holds zero does not
+    show a plateau, only no rise this test can see."""
     curves = {(r["method"], r["seed"]): _curve(r, "pass@1") for r in runs if r["method"] in names}
     curves = {key: c for key, c in curves.items() if len(c) >= 2}
     if not curves:
@@ -169,7 +177,7 @@ def plateau_table(runs: Sequence[dict[str, Any]], names: Sequence[str], last: in
     steps = [s for s, _ in next(iter(curves.values()))][-last:]
     head = " | ".join(f"step {s}" for s in steps)
     lines = [
-        f"| method | seeds | {head} | change {steps[-2]} -> {steps[-1]} | 95% t-interval | seeds rising |",
+        f"| method | seeds | {head} | change {steps[0]} -> {steps[-1]} | 95% t-interval | seeds rising |",
         "|---|---:|" + "---:|" * len(steps) + "---:|---|---:|",
     ]
     for name in names:
@@ -178,7 +186,7 @@ def plateau_table(runs: Sequence[dict[str, Any]], names: Sequence[str], last: in
         if not mine:
             continue
         means = " | ".join(f"{t_interval([c[s] for c in mine])[0]:.1f}" for s in steps)
-        changes = [c[steps[-1]] - c[steps[-2]] for c in mine]
+        changes = [c[steps[-1]] - c[steps[0]] for c in mine]
         mean, half = t_interval(changes)
         interval = "-" if math.isnan(half) else f"[{mean - half:+.2f}, {mean + half:+.2f}]"
         rising = sum(d > 0 for d in changes)
@@ -230,7 +238,18 @@ def write_report(runs: Sequence[dict[str, Any]], args: Any, config: Any, output:
         "## Final held-out pass@k (mean ± 95% t half-width over seeds)",
         "",
         final_table(runs, [BASE, *names], ks) if ks else "(no run finished yet)\n",
+        (
+            "The base row's interval is over the base model's sampling seeds (one model), the others' over training "
+            "seeds. Each row uses every seed its method has finished."
+        ),
+        "",
         "## Still improving at the end? Held-out pass@1 on the curve problems (mean over seeds)",
+        "",
+        (
+            f"The curve problems are the first {config.curve_size} of the evaluation problems x {config.curve_samples} "
+            f"samples, scored every {config.curve_every} steps: a subset, so these numbers are not comparable with "
+            f"the final evaluation's on all {config.eval_size} problems."
+        ),
         "",
         plateau_table(runs, names),
     ]
@@ -239,7 +258,14 @@ def write_report(runs: Sequence[dict[str, Any]], args: Any, config: Any, output:
             f"## Paired differences against {reference} (method - {reference}, per seed)",
             "",
             paired_table(runs, names, reference, ks),
+            SIGNIFICANCE_NOTE,
+            "",
             f"## Steps to reach {reference}'s final held-out pass@1 (curve problems, same seed)",
+            "",
+            (
+                f"The target is {reference}'s own pass@1 on the curve at its last step, for the same seed; 'never' is "
+                f"'not by the last curve step', and {reference}'s own row reaches it by construction."
+            ),
             "",
             reach_table(runs, names, reference),
         ]
@@ -322,10 +348,11 @@ def plot_all(
                 bounds=(0.0, 100.0),
             )
         ax.set_xlabel("optimizer step")
-        ax.set_ylabel(f"held-out {key} (%), curve problems")
+        ax.set_ylabel(f"held-out {key} (%), first {config.curve_size} eval problems")
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8, title="method (seeds)", title_fontsize=8)
+    fig.suptitle(BAND_TITLE, fontsize=9)
     fig.savefig(output / "curves.png", dpi=110)
 
     fig = Figure(figsize=(6, 4.2), layout="constrained")
@@ -348,6 +375,7 @@ def plot_all(
     ax.set_xscale("log", base=2)
     ax.set_xlabel("k")
     ax.set_ylabel("final held-out pass@k (%)")
+    ax.set_title("mean over seeds, bars: 95% t-interval (base: over sampling seeds)", fontsize=9)
     ax.grid(True, alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
@@ -367,6 +395,7 @@ def plot_all(
     ax.grid(True, alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8, title="method (seeds)", title_fontsize=8)
+    ax.set_title(BAND_TITLE, fontsize=9)
     fig.savefig(output / "entropy.png", dpi=110)
 
     shown_ks = sorted({k for k in (1, 8, ks[-1] if ks else 1) if k in ks})
@@ -383,7 +412,7 @@ def plot_all(
                 if not seeds:
                     continue
                 diffs = [a[s] - b[s] for s in seeds]
-                jitter = [x + 0.25 * ((n % 5) - 2) / 2 for n in range(len(diffs))]
+                jitter = [x - 0.15 + 0.3 * n / max(1, len(diffs) - 1) for n in range(len(diffs))]
                 ax.scatter(jitter, diffs, color=colors[name], s=14, alpha=0.8)
                 mean, half = t_interval(diffs)
                 ax.errorbar(
@@ -399,4 +428,5 @@ def plot_all(
             ax.set_xticks(range(len(others)), others, rotation=20, ha="right", fontsize=8)
             ax.set_title(f"pass@{k}: method - {reference} (points)", fontsize=9)
             ax.grid(True, axis="y", alpha=0.3)
+    fig.suptitle("dots: one per seed (in seed order); black: mean and 95% t-interval", fontsize=9)
     fig.savefig(output / "paired.png", dpi=110)

@@ -140,21 +140,20 @@ def test_plateau_table_hand_worked():
         _curve_run("GRPO", 1, [0.90, 0.20, 0.28, 0.31]),
         _curve_run("GRPO", 2, [0.50, 0.22, 0.33, 0.32]),
         _curve_run("PACS", 0, [0.10, 0.20, 0.25, 0.24]),
-        _curve_run("PACS", 1, [0.10, 0.20, 0.30, 0.30]),  # no change: not rising
+        _curve_run("PACS", 1, [0.10, 0.20, 0.30, 0.20]),  # no change 25 -> 75: not rising
         _curve_run("PPO", 0, [0.10, 0.20, 0.25, 0.26]),  # one seed: no interval
         _curve_run("RLOO", 0, [0.10]),  # one curve point: no change to show
         {"method": "base", "seed": 0},
     ]
     table = study_report.plateau_table(runs, ["PACS", "GRPO", "PPO", "RLOO"])
     lines = table.splitlines()
-    assert lines[0].startswith("| method | seeds | step 25 | step 50 | step 75 | change 50 -> 75 |")
-    # GRPO means: (20 + 20 + 22) / 3 = 20.67, (30 + 28 + 33) / 3 = 30.33, (32 + 31 + 32) / 3 = 31.67; changes +2, +3,
-    # -1: mean 1.333, sample sd sqrt(((2/3)^2 + (5/3)^2 + (7/3)^2) / 2) = 2.0817, half 4.302653 * 2.0817 / sqrt(3)
-    # = 5.1713, interval [-3.84, +6.50]; two seeds rose
-    # PACS changes -1, 0: mean -0.5, sd 0.7071, half 12.7062 * 0.7071 / sqrt(2) = 6.353, interval [-6.85, +5.85]
-    assert lines[2] == "| PACS | 2 | 20.0 | 27.5 | 27.0 | -0.50 | [-6.85, +5.85] | 0/2 |"
-    assert lines[3] == "| GRPO | 3 | 20.7 | 30.3 | 31.7 | +1.33 | [-3.84, +6.50] | 2/3 |"
-    assert lines[4] == "| PPO | 1 | 20.0 | 25.0 | 26.0 | +1.00 | - | 1/1 |"
+    assert lines[0].startswith("| method | seeds | step 25 | step 50 | step 75 | change 25 -> 75 |")
+    # GRPO means: (20 + 20 + 22) / 3 = 20.67, (30 + 28 + 33) / 3 = 30.33, (32 + 31 + 32) / 3 = 31.67; changes
+    # 25 -> 75: +12, +11, +10: mean 11, sample sd 1, half 4.302653 / sqrt(3) = 2.4841, interval [+8.52, +13.48]
+    assert lines[3] == "| GRPO | 3 | 20.7 | 30.3 | 31.7 | +11.00 | [+8.52, +13.48] | 3/3 |"
+    # PACS changes +4, 0: mean 2, sd 2.8284, half 12.7062 * 2.8284 / sqrt(2) = 25.412, interval [-23.41, +27.41]
+    assert lines[2] == "| PACS | 2 | 20.0 | 27.5 | 22.0 | +2.00 | [-23.41, +27.41] | 1/2 |"
+    assert lines[4] == "| PPO | 1 | 20.0 | 25.0 | 26.0 | +6.00 | - | 1/1 |"
     assert len(lines) == 5
     assert study_report.plateau_table([runs[-2]], ["RLOO"]) == "(no curve yet)\n"
 
