@@ -3,9 +3,10 @@
 - ``results.md``: what is finished (labelled partial until every run is in), the base model's evaluation at each
   sampling seed (its noise), final pass@k per method (mean and 95% t-interval over seeds), the paired differences
   against GRPO and against PPO for each k (mean, 95% t-interval, exact sign-test and Wilcoxon p-values; significant
-  only when the interval excludes zero), the steps each method needs to reach GRPO's final held-out pass@1, and
+  only when the interval excludes zero), the steps each method needs to reach GRPO's final held-out pass@1,
   whether each method still improves at the end (its curve's pass@1 at the last three curve steps, and the per-seed
-  change across them with its 95% t-interval);
+  change across them with its 95% t-interval), and the rollouts' entropy at the end (mean of the last 10 steps;
+  paired differences against GRPO and PPO);
 - ``curves.png``: held-out pass@1 and pass@n over training, mean and 95% t band per method;
 - ``pass_at_k.png``: final pass@k against k (log axis) per method, with 95% intervals;
 - ``entropy.png``: the policy's mean token entropy over training (training rollouts), mean and 95% band;
@@ -194,6 +195,47 @@ def plateau_table(runs: Sequence[dict[str, Any]], names: Sequence[str], last: in
     return "\n".join(lines) + "\n"
 
 
+def final_entropy(run: dict[str, Any], window: int) -> float | None:
+    """The mean token entropy of the training rollouts over the run's last ``window`` logged steps."""
+    values = [h["entropy"] for h in run.get("log", []) if "entropy" in h][-window:]
+    return sum(values) / len(values) if values else None
+
+
+def entropy_table(
+    runs: Sequence[dict[str, Any]], names: Sequence[str], references: Sequence[str], window: int = 10
+) -> str:
+    """Per method: the rollouts' mean token entropy over the last ``window`` steps (mean ± 95% t half-width over
+    seeds), and its per-seed difference from each reference (mean, 95% t-interval, wins, sign p)."""
+    values = {
+        name: {
+            r["seed"]: v for r in runs if r["method"] == name and (v := final_entropy(r, window)) is not None
+        }
+        for name in names
+    }
+    head = "".join(f" minus {ref}: mean [95% t] | wins | sign p |" for ref in references)
+    lines = [
+        f"| method | seeds | entropy (nats) |{head}",
+        "|---|---:|---:|" + "---|---:|---:|" * len(references),
+    ]
+    for name in names:
+        if not values[name]:
+            continue
+        mean, half = t_interval(list(values[name].values()))
+        row = (
+            f"| {name} | {len(values[name])} | {mean:.4f}"
+            + ("" if math.isnan(half) else f" ± {half:.4f}")
+            + " |"
+        )
+        for ref in references:
+            if name == ref or len(set(values[name]) & set(values.get(ref, {}))) < 2:
+                row += " - | - | - |"
+                continue
+            d = paired_difference(values[name], values[ref])
+            row += f" {d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}] | {d.wins}/{d.n} | {_p(d.sign_p)} |"
+        lines.append(row)
+    return "\n".join(lines) + "\n"
+
+
 def times_table(runs: Sequence[dict[str, Any]], names: Sequence[str]) -> str:
     lines = ["| method | seed | wall (s) | CPU (s) |", "|---|---:|---:|---:|"]
     for name in names:
@@ -270,6 +312,9 @@ def write_report(runs: Sequence[dict[str, Any]], args: Any, config: Any, output:
             reach_table(runs, names, reference),
         ]
     text += [
+        "## Policy entropy at the end (training rollouts, mean over the last 10 steps)",
+        "",
+        entropy_table(runs, names, [n for n in _reference_names(args.method_specs) if n in names]),
         "## Wall and CPU time per run",
         "",
         "Seconds per run in its own process (one torch thread), on the machine and load of the sitting that ran it.",

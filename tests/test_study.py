@@ -158,6 +158,32 @@ def test_plateau_table_hand_worked():
     assert study_report.plateau_table([runs[-2]], ["RLOO"]) == "(no curve yet)\n"
 
 
+def _log_run(method, seed, entropies):
+    log = [{"step": i + 1, "entropy": e, "reward": 0.5} for i, e in enumerate(entropies)]
+    return {"method": method, "seed": seed, "log": [*log, {"step": len(log) + 1, "reward": 0.5}]}
+
+
+def test_entropy_table_hand_worked():
+    import study_report
+
+    runs = [
+        _log_run("GRPO", 0, [0.5, 0.2, 0.3]),  # last two: 0.25
+        _log_run("GRPO", 1, [0.9, 0.1, 0.3]),  # 0.2
+        _log_run("PACS", 0, [0.1, 0.4, 0.4]),  # 0.4
+        _log_run("PACS", 1, [0.1, 0.3, 0.2]),  # 0.25
+        _log_run("PACS", 2, [0.3]),  # one step logged: 0.3; no GRPO seed 2 to pair with
+        {"method": "PPO", "seed": 0, "log": [{"step": 1, "reward": 0.0}]},  # no entropy logged: no row
+    ]
+    lines = study_report.entropy_table(runs, ["PACS", "GRPO", "PPO"], ["GRPO", "PPO"], window=2).splitlines()
+    assert len(lines) == 4
+    # PACS: 0.4, 0.25, 0.3: mean 0.31667, sd sqrt(0.011667 / 2) = 0.076376, half 4.302653 * 0.076376 / sqrt(3)
+    # = 0.18973. Minus GRPO on seeds 0, 1: 0.15, 0.05: mean 0.1, sd 0.070711, half 12.7062 * 0.070711 / sqrt(2)
+    # = 0.63531; 2 wins of 2, sign p 2 / 4
+    assert lines[2] == "| PACS | 3 | 0.3167 ± 0.1897 | +0.1000 [-0.5353, +0.7353] | 2/2 | 0.500 | - | - | - |"
+    # GRPO: 0.25, 0.2: mean 0.225, sd 0.035355, half 12.7062 * 0.035355 / sqrt(2) = 0.31766
+    assert lines[3] == "| GRPO | 2 | 0.2250 ± 0.3177 | - | - | - | - | - | - |"
+
+
 # --------------------------------------------------------------------------------------------------
 # The runs file
 
