@@ -74,9 +74,17 @@ def full(param: torch.Tensor) -> torch.Tensor:
 
 
 def init_deepspeed_comm_on_cpu() -> None:
-    """DeepSpeed's comm over gloo: on CPU accelerate does not set it up, and DeepSpeed would count a world of 1."""
+    """DeepSpeed's comm over gloo: on CPU accelerate does not set it up, and DeepSpeed would count a world of 1.
+
+    Without DeepSpeed's shared-memory op: on CPU its comm backend compiles that C++ op on first use (minutes on 2
+    cores, once per machine, so in every CI run), and only ``inference_all_reduce`` uses it; training's collectives
+    go through torch.distributed (gloo) either way."""
+    import importlib
+
     import deepspeed
 
+    # the module, not the attribute: ``deepspeed.comm.torch`` is the torch package
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend="gloo")
 
 
