@@ -28,11 +28,11 @@ Settings (``STUDY``), the same for every method, and why:
 - 150 optimizer steps (the issue's minimum) x 16 prompts x 8 completions, 2 optimizer steps per rollout, lr 3e-4
   constant (the demo's, one for every policy, not tuned; PPO's critic has its own, the demo's 3e-3). 16 prompts instead of the demo's 32, and the curve of 64 problems
   x 64 samples every 25 steps, to fit the issue's ~4 hours on 2 cores. The demo's timings predicted about 7
-  minutes per run on one core (2.5 hours in all); measured, a run takes 798-883 CPU-seconds (PPO about 1,100),
-  two runs at ``--jobs 2`` about 14 minutes on an idle machine, so the whole study is about 5 hours
-  (each record holds its wall and CPU seconds). A trial GRPO run of ``train_and_evaluate`` at these settings and
+  minutes per run on one core (2.5 hours in all); measured, a run took 498-971 CPU-seconds (PPO 649-1,238),
+  33,511 CPU-seconds for the 42 runs, about 4.7 hours at ``--jobs 2`` (each record holds its wall and CPU
+  seconds). A trial GRPO run of ``train_and_evaluate`` at these settings and
   seed 0, stopped after step 75, read held-out pass@1 21.5% / 24.3% / 32.2% / 31.2% at steps 0 / 25 / 50 /
-  75 (the 64 x 64 curve problems); whether GRPO has plateaued by step 150 is for the study's curves to show.
+  75 (the 64 x 64 curve problems). Measured at the end: no method had plateaued by step 150 (``results.md``).
 
 Output (``--output``, default ``bench/results/study``): ``runs.jsonl`` (one line per finished run, appended;
 rerunning the same command skips finished runs and tolerates a truncated last line), ``settings.json`` (a folder
