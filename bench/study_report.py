@@ -29,6 +29,7 @@ from pacsrl.demo.config import Method
 BASE = "base"
 REFERENCES = ("grpo", "ppo")
 PLOTS = ("curves.png", "pass_at_k.png", "entropy.png", "paired.png")
+ENTROPY_WINDOW = 10  # training steps averaged for the entropy at the end
 BAND_TITLE = "line: mean over seeds; band: 95% t-interval over seeds"
 SIGNIFICANCE_NOTE = (
     "'significant': the 95% t-interval excludes zero (it assumes the per-seed differences are roughly normal). "
@@ -202,7 +203,10 @@ def final_entropy(run: dict[str, Any], window: int) -> float | None:
 
 
 def entropy_table(
-    runs: Sequence[dict[str, Any]], names: Sequence[str], references: Sequence[str], window: int = 10
+    runs: Sequence[dict[str, Any]],
+    names: Sequence[str],
+    references: Sequence[str],
+    window: int = ENTROPY_WINDOW,
 ) -> str:
     """Per method: the rollouts' mean token entropy over the last ``window`` steps (mean ± 95% t half-width over
     seeds), and its per-seed difference from each reference (mean, 95% t-interval, wins, sign p)."""
@@ -312,7 +316,7 @@ def write_report(runs: Sequence[dict[str, Any]], args: Any, config: Any, output:
             reach_table(runs, names, reference),
         ]
     text += [
-        "## Policy entropy at the end (training rollouts, mean over the last 10 steps)",
+        f"## Policy entropy at the end (training rollouts, mean over the last {ENTROPY_WINDOW} steps)",
         "",
         entropy_table(runs, names, [n for n in _reference_names(args.method_specs) if n in names]),
         "## Wall and CPU time per run",
