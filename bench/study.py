@@ -67,7 +67,7 @@ logger = logging.getLogger("bench.study")
 
 # The study's settings (DemoConfig fields); any demo flag given on the command line overrides one.
 STUDY: dict[str, Any] = {
-    "steps": 150,
+    "steps": 600,
     "prompts_per_step": 16,
     "updates_per_rollout": 2,
     "num_generations": 8,
@@ -78,6 +78,7 @@ STUDY: dict[str, Any] = {
     "curve_every": 25,
     "curve_size": 64,
     "curve_samples": 64,
+    "curve_entropy": True,
     "threads": 1,
 }
 # --smoke: the whole pipeline at toy sizes (seconds per run), for the test suite.
@@ -92,6 +93,7 @@ SMOKE: dict[str, Any] = {
     "curve_every": 2,
     "curve_size": 2,
     "curve_samples": 4,
+    "curve_entropy": True,
     "threads": 1,
 }
 DEFAULT_METHODS = "pacs,pacs-noweight,grpo,rloo,ppo"

@@ -11,11 +11,60 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from pacsrl.demo.cli import build_parser, config_from_args
 from pacsrl.demo.config import DemoConfig, Method
 from pacsrl.demo.report import CURVE_PLOTS, METRICS_FILE, PASS_AT_K_PLOT, REPORT_FILE, comparison_table
 from pacsrl.demo.training import curve_auc
+
+# --------------------------------------------------------------------------------------------------
+# held-out entropy
+
+
+def _entropy_one_prefix_at_a_time(model, tokenizer, record, max_new_tokens):
+    """Every distribution the policy sampled a completion token (or its end) from, one unpadded prefix per forward,
+    its entropy summed over the vocabulary in float64: (sum of entropies, count) over the record's completions."""
+    prompt = tokenizer.apply_chat_template(record["prompt"], add_generation_prompt=True, tokenize=False)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    total, count = 0.0, 0
+    for completion in record["completions"]:
+        ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+        steps = len(ids) + 1 if len(ids) < max_new_tokens else len(ids)  # + the step that sampled the end
+        for t in range(steps):
+            prefix = torch.tensor([prompt_ids + ids[:t]])
+            probs = torch.softmax(model(input_ids=prefix).logits[0, -1].double(), dim=-1).tolist()
+            total += -sum(p * math.log(p) for p in probs if p > 0)
+            count += 1
+    return total, count
+
+
+def test_completion_entropy_matches_one_prefix_at_a_time():
+    # catches: positions shifted by one (the prompt's last position left out, or one past the completion), the
+    # end-of-completion step dropped for stopped completions or kept for truncated ones, padding leaking into
+    # real positions, a per-sequence instead of a per-token mean
+    from pacsrl.demo.evaluation import completion_entropy, load_policy
+
+    model, tokenizer = load_policy()
+    model.train()
+    question = [{"role": "user", "content": "What is 3 + 4 + 5?"}]
+    records = [
+        {"prompt": question, "completions": ["<answer>12</answer>", "", "3 + 4 = 7, 7 + 5 = 12 <answer>12"]},
+        {
+            "prompt": [{"role": "user", "content": "What is 1 + 2 + 9?"}],
+            "completions": ["<answer>12</answer>"],
+        },
+    ]
+    max_new_tokens = 12  # the third completion is longer: truncated, no end step
+    expected_total, expected_count = 0.0, 0
+    with torch.no_grad():
+        for record in records:
+            total, count = _entropy_one_prefix_at_a_time(model, tokenizer, record, max_new_tokens)
+            expected_total, expected_count = expected_total + total, expected_count + count
+    got = completion_entropy(model, tokenizer, records, max_new_tokens=max_new_tokens, batch_size=3)
+    assert got == pytest.approx(expected_total / expected_count, rel=1e-5)
+    assert model.training  # mode restored
+
 
 # --------------------------------------------------------------------------------------------------
 # curve AUC

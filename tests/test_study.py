@@ -282,11 +282,15 @@ def test_smoke_study_runs_in_parallel_and_resumes(tmp_path, caplog):
         ("base", 1),
     ]
     assert "[6/6]" in first.stderr and "ETA done" in first.stderr
+    from pacsrl.demo import demo_checkpoint_path
+
+    vocab_size = json.loads((demo_checkpoint_path() / "config.json").read_text())["vocab_size"]
     for r in runs:
         assert set(r["eval"]) == {"pass@1", "pass@2", "pass@4"}
         if r["method"] != "base":
             assert [p["step"] for p in r["curve"]] == [0, 2, 4]
-            assert all(set(p) == {"step", "pass@1", "pass@2", "pass@4"} for p in r["curve"])
+            assert all(set(p) == {"step", "pass@1", "pass@2", "pass@4", "entropy"} for p in r["curve"])
+            assert all(0 < p["entropy"] < math.log(vocab_size) for p in r["curve"])  # nats, below uniform's
             assert any("entropy" in h for h in r["log"])
     results = (tmp_path / "results.md").read_text()
     assert "Complete" in results and "Paired differences against GRPO" in results

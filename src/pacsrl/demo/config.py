@@ -124,6 +124,13 @@ class DemoConfig:
         default=64, metadata={"help": "Held-out problems per curve point (first of the eval split)."}
     )
     curve_samples: int = field(default=4, metadata={"help": "Samples per problem per curve point."})
+    curve_entropy: bool = field(
+        default=False,
+        metadata={
+            "help": "Also measure the policy's mean token entropy along the curve's samples at each curve point "
+            "(a fixed set of held-out prompts, unlike the training rollouts' entropy)."
+        },
+    )
     seed: int = field(
         default=0, metadata={"help": "Seed of training (prompt order, sampling) and evaluation."}
     )

@@ -139,7 +139,8 @@ def curve_point(
     name: str,
 ) -> dict[str, float]:
     """One point of the held-out curve: pass@k for k = 1, 2, 4, ..., ``config.curve_samples`` from that many samples
-    per problem of ``dataset``, with ``evaluate`` (so every point uses the same problems and seed), no progress bar."""
+    per problem of ``dataset``, with ``evaluate`` (so every point uses the same problems and seed), no progress bar;
+    with ``config.curve_entropy``, also ``"entropy"``: the policy's ``completion_entropy`` along those samples."""
     result = evaluate(
         model,
         tokenizer,
@@ -150,7 +151,69 @@ def curve_point(
         reward_fn=reward_fn,
         progress=False,
     )
-    return {k: v for k, v in result.metrics["all"].items() if k.startswith("pass@")}
+    point = {k: v for k, v in result.metrics["all"].items() if k.startswith("pass@")}
+    if config.curve_entropy:
+        point["entropy"] = completion_entropy(
+            model, tokenizer, result.records, max_new_tokens=config.max_completion_length
+        )
+    return point
+
+
+@torch.no_grad()
+def completion_entropy(
+    model: Any,
+    tokenizer: Any,
+    records: list[dict[str, Any]],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 256,
+) -> float:
+    """The policy's mean next-token entropy (nats) along the completions of ``records`` (``evaluate``'s), taken
+    over every token of every completion, as TRL's ``entropy`` metric takes it over a training batch: at each
+    completion token and, for a completion that stopped before ``max_new_tokens``, at the step that sampled its end.
+
+    Each completion is re-tokenized from its text after the chat-rendered prompt (the demo's tokenizer gives the
+    sampled tokens back unless the model sampled a non-canonical split of a word). The model's train/eval mode is
+    restored on return."""
+    rows: list[tuple[list[int], int, int]] = []  # (ids, first position scored, positions scored)
+    for record in records:
+        prompt = tokenizer.apply_chat_template(
+            list(record["prompt"]), add_generation_prompt=True, tokenize=False
+        )
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        for completion in record["completions"]:
+            ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+            scored = len(ids) + (1 if len(ids) < max_new_tokens else 0)
+            # the logits at position i give the distribution of token i + 1: the first completion token's comes
+            # from the last prompt position
+            rows.append((prompt_ids + ids, len(prompt_ids) - 1, scored))
+    if not rows:
+        raise ValueError("completion_entropy needs one or more records with completions")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            width = max(len(ids) for ids, _, _ in batch)
+            # right-padded: a causal model's logits at real positions never see the padding after them
+            input_ids = torch.tensor(
+                [ids + [pad_id] * (width - len(ids)) for ids, _, _ in batch], device=device
+            )
+            mask = torch.tensor(
+                [[1] * len(ids) + [0] * (width - len(ids)) for ids, _, _ in batch], device=device
+            )
+            logits = model(input_ids=input_ids, attention_mask=mask).logits.float()  # (b, width, V)
+            logp = torch.log_softmax(logits, dim=-1)
+            entropy = -(logp.exp() * logp).sum(-1)  # (b, width)
+            for row, (_, first, scored) in enumerate(batch):
+                total += entropy[row, first : first + scored].sum().item()
+                count += scored
+    finally:
+        model.train(was_training)
+    return total / count
 
 
 def curve_pass1(
@@ -199,6 +262,7 @@ class HeldOutCurveCallback(TrainerCallback):
 __all__ = [
     "DemoData",
     "HeldOutCurveCallback",
+    "completion_entropy",
     "curve_pass1",
     "curve_point",
     "evaluate",
