@@ -4,12 +4,14 @@
   sampling seed (its noise), final pass@k per method (mean and 95% t-interval over seeds), the paired differences
   against GRPO and against PPO for each k (mean, 95% t-interval, exact sign-test and Wilcoxon p-values; significant
   only when the interval excludes zero), the steps each method needs to reach GRPO's final held-out pass@1,
-  whether each method still improves at the end (its curve's pass@1 at the last three curve steps, and the per-seed
-  change across them with its 95% t-interval), and the rollouts' entropy at the end (mean of the last 10 steps;
-  paired differences against GRPO and PPO);
+  whether each method still improves at the end (its curve's pass@1 at three curve steps over the second half of
+  training, and the per-seed change across each span between them with its 95% t-interval), and the
+  policy's entropy at the end (on the fixed curve problems at the last curve point, when the runs measured it, and
+  the training rollouts' over the last 10 steps; paired differences against GRPO and PPO);
 - ``curves.png``: held-out pass@1 and pass@n over training, mean and 95% t band per method;
 - ``pass_at_k.png``: final pass@k against k (log axis) per method, with 95% intervals;
-- ``entropy.png``: the policy's mean token entropy over training (training rollouts), mean and 95% band;
+- ``entropy.png``: the policy's mean token entropy over training, on the fixed curve problems (when measured) and
+  in the training rollouts, mean and 95% band;
 - ``paired.png``: per-seed paired differences (a dot per seed) against each reference, for k = 1, 8 and n.
 
 Every pass@k is a percentage here (the runs file holds fractions).
@@ -17,6 +19,7 @@ Every pass@k is a percentage here (the runs file holds fractions).
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -167,38 +170,53 @@ def reach_table(runs: Sequence[dict[str, Any]], names: Sequence[str], reference:
     return "\n".join(lines) + "\n"
 
 
-def plateau_table(runs: Sequence[dict[str, Any]], names: Sequence[str], last: int = 3) -> str:
-    """Per method: the mean held-out pass@1 on the curve problems at the ``last`` curve steps, and the per-seed
-    change from the first of them to the final step (in points): mean, 95% t-interval over seeds, and how many
-    seeds still rose. An interval above zero says the method was still improving; one that holds zero does not
-    show a plateau, only no rise this test can see."""
+def plateau_table(
+    runs: Sequence[dict[str, Any]], names: Sequence[str], last: int = 3, stride: int = 1
+) -> str:
+    """Per method: the mean held-out pass@1 on the curve problems at ``last`` curve steps ``stride`` curve points
+    apart, ending at the final one, and the per-seed change across each span between them (in points): mean, 95%
+    t-interval over seeds, and how many seeds rose. An interval above zero says the method was still improving over
+    that span; one that holds zero does not show a plateau by itself, only no rise this test can see, which is why
+    the spans before it are shown too."""
     curves = {(r["method"], r["seed"]): _curve(r, "pass@1") for r in runs if r["method"] in names}
     curves = {key: c for key, c in curves.items() if len(c) >= 2}
     if not curves:
         return "(no curve yet)\n"
-    steps = [s for s, _ in next(iter(curves.values()))][-last:]
+    all_steps = [s for s, _ in max(curves.values(), key=len)]
+    steps = all_steps[::-1][:: max(1, stride)][:last][::-1]
+    spans = list(itertools.pairwise(steps))
     head = " | ".join(f"step {s}" for s in steps)
+    span_head = "".join(f" change {a} -> {b} | 95% t-interval | seeds rising |" for a, b in spans)
     lines = [
-        f"| method | seeds | {head} | change {steps[0]} -> {steps[-1]} | 95% t-interval | seeds rising |",
-        "|---|---:|" + "---:|" * len(steps) + "---:|---|---:|",
+        f"| method | seeds | {head} |{span_head}",
+        "|---|---:|" + "---:|" * len(steps) + "---:|---|---:|" * len(spans),
     ]
     for name in names:
         mine = [dict(c) for (m, _), c in sorted(curves.items()) if m == name]
         mine = [c for c in mine if all(s in c for s in steps)]
         if not mine:
             continue
-        means = " | ".join(f"{t_interval([c[s] for c in mine])[0]:.1f}" for s in steps)
-        changes = [c[steps[-1]] - c[steps[0]] for c in mine]
-        mean, half = t_interval(changes)
-        interval = "-" if math.isnan(half) else f"[{mean - half:+.2f}, {mean + half:+.2f}]"
-        rising = sum(d > 0 for d in changes)
-        lines.append(f"| {name} | {len(mine)} | {means} | {mean:+.2f} | {interval} | {rising}/{len(mine)} |")
+        row = f"| {name} | {len(mine)} | " + " | ".join(
+            f"{t_interval([c[s] for c in mine])[0]:.1f}" for s in steps
+        )
+        row += " |"
+        for a, b in spans:
+            changes = [c[b] - c[a] for c in mine]
+            mean, half = t_interval(changes)
+            interval = "-" if math.isnan(half) else f"[{mean - half:+.2f}, {mean + half:+.2f}]"
+            row += f" {mean:+.2f} | {interval} | {sum(d > 0 for d in changes)}/{len(mine)} |"
+        lines.append(row)
     return "\n".join(lines) + "\n"
 
 
-def final_entropy(run: dict[str, Any], window: int) -> float | None:
-    """The mean token entropy of the training rollouts over the run's last ``window`` logged steps."""
-    values = [h["entropy"] for h in run.get("log", []) if "entropy" in h][-window:]
+def final_entropy(run: dict[str, Any], window: int, source: str = "rollouts") -> float | None:
+    """The policy's mean token entropy at the end of a run: with ``source="rollouts"``, the training rollouts'
+    over the run's last ``window`` logged steps; with ``"heldout"``, along the samples of the fixed curve problems
+    at the last curve point that measured it."""
+    if source == "heldout":
+        values = [p["entropy"] for p in run.get("curve", []) if "entropy" in p][-1:]
+    else:
+        values = [h["entropy"] for h in run.get("log", []) if "entropy" in h][-window:]
     return sum(values) / len(values) if values else None
 
 
@@ -207,12 +225,15 @@ def entropy_table(
     names: Sequence[str],
     references: Sequence[str],
     window: int = ENTROPY_WINDOW,
+    source: str = "rollouts",
 ) -> str:
-    """Per method: the rollouts' mean token entropy over the last ``window`` steps (mean ± 95% t half-width over
-    seeds), and its per-seed difference from each reference (mean, 95% t-interval, wins, sign p)."""
+    """Per method: the policy's entropy at the end (``final_entropy``: mean ± 95% t half-width over seeds), and its
+    per-seed difference from each reference (mean, 95% t-interval, wins, sign p)."""
     values = {
         name: {
-            r["seed"]: v for r in runs if r["method"] == name and (v := final_entropy(r, window)) is not None
+            r["seed"]: v
+            for r in runs
+            if r["method"] == name and (v := final_entropy(r, window, source)) is not None
         }
         for name in names
     }
@@ -246,6 +267,12 @@ def times_table(runs: Sequence[dict[str, Any]], names: Sequence[str]) -> str:
         for r in sorted((r for r in runs if r["method"] == name), key=lambda r: r["seed"]):
             lines.append(f"| {name} | {r['seed']} | {r['wall_seconds']:.0f} | {r['cpu_seconds']:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def _plateau_stride(config: Any) -> int:
+    """Curve points between the plateau table's columns: its three steps span the second half of training (the
+    last 50 steps of a 150-step run at one point per 25 steps, the last 300 of 600 at 150 apart)."""
+    return max(1, config.steps // (4 * config.curve_every))
 
 
 def write_report(runs: Sequence[dict[str, Any]], args: Any, config: Any, output: Path) -> Path:
@@ -297,7 +324,7 @@ def write_report(runs: Sequence[dict[str, Any]], args: Any, config: Any, output:
             f"the final evaluation's on all {config.eval_size} problems."
         ),
         "",
-        plateau_table(runs, names),
+        plateau_table(runs, names, stride=_plateau_stride(config)),
     ]
     for reference in _reference_names(args.method_specs):
         text += [
@@ -315,10 +342,22 @@ def write_report(runs: Sequence[dict[str, Any]], args: Any, config: Any, output:
             "",
             reach_table(runs, names, reference),
         ]
+    entropy_references = [n for n in _reference_names(args.method_specs) if n in names]
+    if any("entropy" in p for r in runs for p in r.get("curve", [])):
+        text += [
+            "## Policy entropy at the end, on the fixed curve problems",
+            "",
+            (
+                f"The policy's mean token entropy (nats) along its samples of the {config.curve_size} curve problems "
+                f"x {config.curve_samples} at the last curve step: the same prompts for every run and step."
+            ),
+            "",
+            entropy_table(runs, names, entropy_references, source="heldout"),
+        ]
     text += [
         f"## Policy entropy at the end (training rollouts, mean over the last {ENTROPY_WINDOW} steps)",
         "",
-        entropy_table(runs, names, [n for n in _reference_names(args.method_specs) if n in names]),
+        entropy_table(runs, names, entropy_references),
         "## Wall and CPU time per run",
         "",
         "Seconds per run in its own process (one torch thread), on the machine and load of the sitting that ran it.",
@@ -430,21 +469,27 @@ def plot_all(
         ax.legend(fontsize=8)
     fig.savefig(output / "pass_at_k.png", dpi=110)
 
-    fig = Figure(figsize=(6, 4), layout="constrained")
-    ax = fig.subplots()
-    for name in trained:
-        series = [
-            [(h["step"], h["entropy"]) for h in r.get("log", []) if "entropy" in h]
-            for r in runs
-            if r["method"] == name
-        ]
-        _line(ax, [s for s in series if s], name, colors[name], None)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("mean token entropy of the rollouts (nats)")
-    ax.grid(True, alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8, title="method (seeds)", title_fontsize=8)
-    ax.set_title(BAND_TITLE, fontsize=9)
+    heldout = any("entropy" in p for r in runs for p in r.get("curve", []))
+    fig = Figure(figsize=(11 if heldout else 6, 4), layout="constrained")
+    panels = [("rollouts", "mean token entropy of the training rollouts (nats)")]
+    if heldout:
+        panels.insert(0, ("heldout", f"mean token entropy on the {config.curve_size} curve problems (nats)"))
+    for ax, (source, label) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+        for name in trained:
+            series = [
+                [(p["step"], p["entropy"]) for p in r.get("curve", []) if "entropy" in p]
+                if source == "heldout"
+                else [(h["step"], h["entropy"]) for h in r.get("log", []) if "entropy" in h]
+                for r in runs
+                if r["method"] == name
+            ]
+            _line(ax, [s for s in series if s], name, colors[name], "o" if source == "heldout" else None)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, title="method (seeds)", title_fontsize=8)
+    fig.suptitle(BAND_TITLE, fontsize=9)
     fig.savefig(output / "entropy.png", dpi=110)
 
     shown_ks = sorted({k for k in (1, 8, ks[-1] if ks else 1) if k in ks})

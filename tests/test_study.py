@@ -147,15 +147,34 @@ def test_plateau_table_hand_worked():
     ]
     table = study_report.plateau_table(runs, ["PACS", "GRPO", "PPO", "RLOO"])
     lines = table.splitlines()
-    assert lines[0].startswith("| method | seeds | step 25 | step 50 | step 75 | change 25 -> 75 |")
-    # GRPO means: (20 + 20 + 22) / 3 = 20.67, (30 + 28 + 33) / 3 = 30.33, (32 + 31 + 32) / 3 = 31.67; changes
-    # 25 -> 75: +12, +11, +10: mean 11, sample sd 1, half 4.302653 / sqrt(3) = 2.4841, interval [+8.52, +13.48]
-    assert lines[3] == "| GRPO | 3 | 20.7 | 30.3 | 31.7 | +11.00 | [+8.52, +13.48] | 3/3 |"
-    # PACS changes +4, 0: mean 2, sd 2.8284, half 12.7062 * 2.8284 / sqrt(2) = 25.412, interval [-23.41, +27.41]
-    assert lines[2] == "| PACS | 2 | 20.0 | 27.5 | 22.0 | +2.00 | [-23.41, +27.41] | 1/2 |"
-    assert lines[4] == "| PPO | 1 | 20.0 | 25.0 | 26.0 | +6.00 | - | 1/1 |"
+    assert lines[0].startswith(
+        "| method | seeds | step 25 | step 50 | step 75 | change 25 -> 50 | 95% t-interval | seeds rising |"
+        " change 50 -> 75 |"
+    )
+    # GRPO means: (20 + 20 + 22) / 3 = 20.67, (30 + 28 + 33) / 3 = 30.33, (32 + 31 + 32) / 3 = 31.67.
+    # 25 -> 50: +10, +8, +11: mean 9.667, sample sd 1.5275, half 4.302653 * 1.5275 / sqrt(3) = 3.795: [+5.87, +13.46]
+    # 50 -> 75: +2, +3, -1: mean 1.333, sd 2.0817, half 4.302653 * 2.0817 / sqrt(3) = 5.171: [-3.84, +6.50], 2 rising
+    assert (
+        lines[3]
+        == "| GRPO | 3 | 20.7 | 30.3 | 31.7 | +9.67 | [+5.87, +13.46] | 3/3 | +1.33 | [-3.84, +6.50] | 2/3 |"
+    )
+    # PACS 25 -> 50: +5, +10: mean 7.5, sd 3.5355, half 12.7062 * 3.5355 / sqrt(2) = 31.77; 50 -> 75: -1, -10: mean
+    # -5.5, sd 6.364, half 57.18
+    assert (
+        lines[2]
+        == "| PACS | 2 | 20.0 | 27.5 | 22.0 | +7.50 | [-24.27, +39.27] | 2/2 | -5.50 | [-62.68, +51.68] | 0/2 |"
+    )
+    assert lines[4] == "| PPO | 1 | 20.0 | 25.0 | 26.0 | +5.00 | - | 1/1 | +1.00 | - | 1/1 |"
     assert len(lines) == 5
     assert study_report.plateau_table([runs[-2]], ["RLOO"]) == "(no curve yet)\n"
+    # stride 2 on 25-step points 0 ... 150: the columns are two points apart, ending at the last step
+    long = [_curve_run("GRPO", 0, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7])]
+    assert (
+        study_report.plateau_table(long, ["GRPO"], stride=2)
+        .splitlines()[2]
+        .startswith("| GRPO | 1 | 30.0 | 50.0 | 70.0 | +20.00 | - | 1/1 | +20.00 |")
+    )
+    assert "| step 50 | step 100 | step 150 |" in study_report.plateau_table(long, ["GRPO"], stride=2)
 
 
 def _log_run(method, seed, entropies):
@@ -182,6 +201,31 @@ def test_entropy_table_hand_worked():
     assert lines[2] == "| PACS | 3 | 0.3167 ± 0.1897 | +0.1000 [-0.5353, +0.7353] | 2/2 | 0.500 | - | - | - |"
     # GRPO: 0.25, 0.2: mean 0.225, sd 0.035355, half 12.7062 * 0.035355 / sqrt(2) = 0.31766
     assert lines[3] == "| GRPO | 2 | 0.2250 ± 0.3177 | - | - | - | - | - | - |"
+
+
+def test_heldout_entropy_is_the_last_curve_point_that_measured_it():
+    # catches: the training rollouts' entropy (or the first curve point's) reported as the held-out one
+    import study_report
+
+    def run(method, seed, entropies):
+        curve = [
+            {"step": 25 * i, "pass@1": 0.2, **({} if e is None else {"entropy": e})}
+            for i, e in enumerate(entropies)
+        ]
+        return {"method": method, "seed": seed, "curve": curve, "log": [{"step": 1, "entropy": 9.0}]}
+
+    runs = [
+        run("GRPO", 0, [0.5, 0.2, 0.1]),
+        run("GRPO", 1, [0.5, 0.3, None]),  # the last point without entropy: the one before it counts
+        run("PACS", 0, [0.5, 0.4, 0.3]),
+        run("PACS", 1, [0.5, 0.4, 0.4]),
+    ]
+    assert study_report.final_entropy(runs[1], 10, "heldout") == 0.3
+    assert study_report.final_entropy(runs[1], 10) == 9.0
+    lines = study_report.entropy_table(runs, ["PACS", "GRPO"], ["GRPO"], source="heldout").splitlines()
+    # PACS: 0.3, 0.4: mean 0.35, sd 0.070711, half 12.7062 * 0.070711 / sqrt(2) = 0.63531; minus GRPO (0.1, 0.3):
+    # +0.2, +0.1: mean 0.15, sd 0.070711, the same half
+    assert lines[2] == "| PACS | 2 | 0.3500 ± 0.6353 | +0.1500 [-0.4853, +0.7853] | 2/2 | 0.500 |"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -294,6 +338,10 @@ def test_smoke_study_runs_in_parallel_and_resumes(tmp_path, caplog):
             assert any("entropy" in h for h in r["log"])
     results = (tmp_path / "results.md").read_text()
     assert "Complete" in results and "Paired differences against GRPO" in results
+    assert (
+        "| PACS | 2 | "
+        in results.split("Policy entropy at the end, on the fixed curve problems")[1].split("##")[0]
+    )
     assert "| PACS | 2 | " in results.split("Still improving at the end?")[1].split("##")[0]
     # the settings are filled in (not a literal "{config.eval_size}")
     assert "Final evaluation: 4 held-out problems x 4 samples" in results
