@@ -66,6 +66,27 @@ def test_completion_entropy_matches_one_prefix_at_a_time():
     assert model.training  # mode restored
 
 
+def test_measuring_curve_entropy_leaves_the_run_unchanged(tmp_path):
+    # catches: the entropy pass consuming random numbers and so changing the training run that the curve measures
+    # (the curve at step 2 comes before the rollout of steps 3-4)
+    from pacsrl.demo.evaluation import load_data
+    from pacsrl.demo.training import train_and_evaluate
+
+    results = {}
+    for measured in (False, True):
+        config = DemoConfig.quick(
+            steps=4, prompts_per_step=2, num_generations=4, train_size=8, eval_size=4, eval_samples=4,
+            curve_every=2, curve_size=2, curve_samples=4, threads=1, curve_entropy=measured,
+        )  # fmt: skip
+        result = train_and_evaluate(Method.parse("grpo"), config, load_data(config), tmp_path / str(measured))
+        results[measured] = result
+    plain, measured = results[False], results[True]
+    assert all("entropy" in p for p in measured.curve) and not any("entropy" in p for p in plain.curve)
+    assert [{k: v for k, v in p.items() if k != "entropy"} for p in measured.curve] == plain.curve
+    assert measured.eval == plain.eval
+    assert [h.get("entropy") for h in measured.log_history] == [h.get("entropy") for h in plain.log_history]
+
+
 # --------------------------------------------------------------------------------------------------
 # curve AUC
 
