@@ -94,7 +94,7 @@ SMOKE: dict[str, Any] = {
     "train_size": 8,
     "eval_size": 4,
     "eval_samples": 4,
-    "curve_every": 2,
+    "curve_every": 1,
     "curve_size": 2,
     "curve_samples": 4,
     "curve_entropy": True,

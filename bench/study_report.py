@@ -4,8 +4,8 @@
   sampling seed (its noise), final pass@k per method (mean and 95% t-interval over seeds), the paired differences
   against GRPO and against PPO for each k (mean, 95% t-interval, exact sign-test and Wilcoxon p-values; significant
   only when the interval excludes zero), the steps each method needs to reach GRPO's final held-out pass@1,
-  whether each method still improves at the end (its curve's pass@1 at three curve steps over the second half of
-  training, and the per-seed change across each span between them with its 95% t-interval), and the
+  whether each method still improves at the end (its curve's mean pass@1 in each quarter of training, and the
+  per-seed change between the last three quarters with its 95% t-interval), and the
   policy's entropy at the end (on the fixed curve problems at the last curve point, when the runs measured it, and
   the training rollouts' over the last 10 steps; paired differences against GRPO and PPO);
 - ``curves.png``: held-out pass@1 and pass@n over training, mean and 95% t band per method;
@@ -19,7 +19,6 @@ Every pass@k is a percentage here (the runs file holds fractions).
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -170,38 +169,49 @@ def reach_table(runs: Sequence[dict[str, Any]], names: Sequence[str], reference:
     return "\n".join(lines) + "\n"
 
 
-def plateau_table(
-    runs: Sequence[dict[str, Any]], names: Sequence[str], last: int = 3, stride: int = 1
-) -> str:
-    """Per method: the mean held-out pass@1 on the curve problems at ``last`` curve steps ``stride`` curve points
-    apart, ending at the final one, and the per-seed change across each span between them (in points): mean, 95%
-    t-interval over seeds, and how many seeds rose. An interval above zero says the method was still improving over
-    that span; one that holds zero does not show a plateau by itself, only no rise this test can see, which is why
-    the spans before it are shown too."""
+def quarter_means(curve: Sequence[tuple[int, float]], steps: int) -> list[float | None]:
+    """The mean of a curve's points in each quarter of training, (0, steps/4], (steps/4, steps/2], ... (step 0,
+    the start, in none); None for a quarter without a point. A quarter's mean is steadier than one point: the
+    policy's pass@1 moves by a few points from one curve step to the next."""
+    blocks: list[list[float]] = [[], [], [], []]
+    for step, value in curve:
+        if step > 0:
+            blocks[min(3, math.ceil(4 * step / steps) - 1)].append(value)
+    return [sum(b) / len(b) if b else None for b in blocks]
+
+
+def plateau_table(runs: Sequence[dict[str, Any]], names: Sequence[str], steps: int) -> str:
+    """Per method: the mean held-out pass@1 on the curve problems in each quarter of training (``quarter_means``,
+    mean over seeds), and the per-seed change from the second quarter to the third and from the third to the last
+    (in points): mean, 95% t-interval over seeds, and how many seeds rose. An interval above zero says the method
+    was still improving; a plateau shows as a last change near zero, with an interval that bounds it, after
+    earlier rises."""
     curves = {(r["method"], r["seed"]): _curve(r, "pass@1") for r in runs if r["method"] in names}
-    curves = {key: c for key, c in curves.items() if len(c) >= 2}
-    if not curves:
+    quarters = {key: quarter_means(c, steps) for key, c in curves.items()}
+    quarters = {key: q for key, q in quarters.items() if None not in q}
+    if not quarters:
         return "(no curve yet)\n"
-    all_steps = [s for s, _ in max(curves.values(), key=len)]
-    steps = all_steps[::-1][:: max(1, stride)][:last][::-1]
-    spans = list(itertools.pairwise(steps))
-    head = " | ".join(f"step {s}" for s in steps)
-    span_head = "".join(f" change {a} -> {b} | 95% t-interval | seeds rising |" for a, b in spans)
+    bounds = [0, *(round(steps * i / 4) for i in range(1, 5))]
+    head = " | ".join(f"steps {bounds[i]}-{bounds[i + 1]}" for i in range(4))
+    spans = [(1, 2), (2, 3)]
+    span_head = "".join(
+        f" change {bounds[a]}-{bounds[a + 1]} -> {bounds[b]}-{bounds[b + 1]} | 95% t-interval | seeds rising |"
+        for a, b in spans
+    )
     lines = [
         f"| method | seeds | {head} |{span_head}",
-        "|---|---:|" + "---:|" * len(steps) + "---:|---|---:|" * len(spans),
+        "|---|---:|" + "---:|" * 4 + "---:|---|---:|" * len(spans),
     ]
     for name in names:
-        mine = [dict(c) for (m, _), c in sorted(curves.items()) if m == name]
-        mine = [c for c in mine if all(s in c for s in steps)]
+        mine = [q for (m, _), q in sorted(quarters.items()) if m == name]
         if not mine:
             continue
         row = f"| {name} | {len(mine)} | " + " | ".join(
-            f"{t_interval([c[s] for c in mine])[0]:.1f}" for s in steps
+            f"{t_interval([q[i] for q in mine])[0]:.1f}" for i in range(4)
         )
         row += " |"
         for a, b in spans:
-            changes = [c[b] - c[a] for c in mine]
+            changes = [q[b] - q[a] for q in mine]
             mean, half = t_interval(changes)
             interval = "-" if math.isnan(half) else f"[{mean - half:+.2f}, {mean + half:+.2f}]"
             row += f" {mean:+.2f} | {interval} | {sum(d > 0 for d in changes)}/{len(mine)} |"
@@ -269,12 +279,6 @@ def times_table(runs: Sequence[dict[str, Any]], names: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plateau_stride(config: Any) -> int:
-    """Curve points between the plateau table's columns: its three steps span the second half of training (the
-    last 50 steps of a 150-step run at one point per 25 steps, the last 300 of 600 at 150 apart)."""
-    return max(1, config.steps // (4 * config.curve_every))
-
-
 def write_report(runs: Sequence[dict[str, Any]], args: Any, config: Any, output: Path) -> Path:
     """Write ``results.md`` and the plots for the runs of this study in ``runs``; returns the results path."""
     names = method_names(args.method_specs)
@@ -316,7 +320,7 @@ def write_report(runs: Sequence[dict[str, Any]], args: Any, config: Any, output:
             "seeds. Each row uses every seed its method has finished."
         ),
         "",
-        "## Still improving at the end? Held-out pass@1 on the curve problems (mean over seeds)",
+        "## Still improving at the end? Held-out pass@1 on the curve problems, mean per quarter of training",
         "",
         (
             f"The curve problems are the first {config.curve_size} of the evaluation problems x {config.curve_samples} "
@@ -324,7 +328,7 @@ def write_report(runs: Sequence[dict[str, Any]], args: Any, config: Any, output:
             f"the final evaluation's on all {config.eval_size} problems."
         ),
         "",
-        plateau_table(runs, names, stride=_plateau_stride(config)),
+        plateau_table(runs, names, config.steps),
     ]
     for reference in _reference_names(args.method_specs):
         text += [

@@ -131,50 +131,44 @@ def _curve_run(method, seed, values):
     }
 
 
+def test_quarter_means_hand_worked():
+    import study_report
+
+    # 150 steps, points every 25: quarters (0, 37.5], (37.5, 75], (75, 112.5], (112.5, 150]; step 0 in none
+    curve = [(0, 99.0), (25, 10.0), (50, 20.0), (75, 30.0), (100, 40.0), (125, 50.0), (150, 70.0)]
+    assert study_report.quarter_means(curve, 150) == [10.0, 25.0, 40.0, 60.0]
+    assert study_report.quarter_means(curve[:4], 150) == [10.0, 25.0, None, None]
+
+
 def test_plateau_table_hand_worked():
     import study_report
 
     runs = [
-        # step 0 differs per seed and must not show (only the last three steps: 25, 50, 75)
-        _curve_run("GRPO", 0, [0.10, 0.20, 0.30, 0.32]),
-        _curve_run("GRPO", 1, [0.90, 0.20, 0.28, 0.31]),
-        _curve_run("GRPO", 2, [0.50, 0.22, 0.33, 0.32]),
-        _curve_run("PACS", 0, [0.10, 0.20, 0.25, 0.24]),
-        _curve_run("PACS", 1, [0.10, 0.20, 0.30, 0.20]),  # no change 25 -> 75: not rising
-        _curve_run("PPO", 0, [0.10, 0.20, 0.25, 0.26]),  # one seed: no interval
-        _curve_run("RLOO", 0, [0.10]),  # one curve point: no change to show
+        # 200 steps, points every 25: two per quarter; step 0 differs per seed and must not count
+        _curve_run("GRPO", 0, [0.90, 0.10, 0.20, 0.30, 0.30, 0.40, 0.40, 0.42, 0.42]),  # 15, 30, 40, 42
+        _curve_run("GRPO", 1, [0.10, 0.10, 0.10, 0.20, 0.30, 0.40, 0.30, 0.36, 0.40]),  # 10, 25, 35, 38
+        _curve_run("GRPO", 2, [0.50, 0.20, 0.20, 0.30, 0.30, 0.30, 0.40, 0.40, 0.40]),  # 20, 30, 35, 40
+        _curve_run("PPO", 0, [0.10, 0.20, 0.20, 0.30, 0.30, 0.20, 0.20, 0.30, 0.30]),  # one seed: no interval
+        _curve_run("RLOO", 0, [0.10, 0.20, 0.20, 0.30]),  # no point in the last two quarters: no row
         {"method": "base", "seed": 0},
     ]
-    table = study_report.plateau_table(runs, ["PACS", "GRPO", "PPO", "RLOO"])
-    lines = table.splitlines()
-    assert lines[0].startswith(
-        "| method | seeds | step 25 | step 50 | step 75 | change 25 -> 50 | 95% t-interval | seeds rising |"
-        " change 50 -> 75 |"
+    lines = study_report.plateau_table(runs, ["GRPO", "PPO", "RLOO"], 200).splitlines()
+    assert lines[0] == (
+        "| method | seeds | steps 0-50 | steps 50-100 | steps 100-150 | steps 150-200 |"
+        " change 50-100 -> 100-150 | 95% t-interval | seeds rising |"
+        " change 100-150 -> 150-200 | 95% t-interval | seeds rising |"
     )
-    # GRPO means: (20 + 20 + 22) / 3 = 20.67, (30 + 28 + 33) / 3 = 30.33, (32 + 31 + 32) / 3 = 31.67.
-    # 25 -> 50: +10, +8, +11: mean 9.667, sample sd 1.5275, half 4.302653 * 1.5275 / sqrt(3) = 3.795: [+5.87, +13.46]
-    # 50 -> 75: +2, +3, -1: mean 1.333, sd 2.0817, half 4.302653 * 2.0817 / sqrt(3) = 5.171: [-3.84, +6.50], 2 rising
-    assert (
-        lines[3]
-        == "| GRPO | 3 | 20.7 | 30.3 | 31.7 | +9.67 | [+5.87, +13.46] | 3/3 | +1.33 | [-3.84, +6.50] | 2/3 |"
-    )
-    # PACS 25 -> 50: +5, +10: mean 7.5, sd 3.5355, half 12.7062 * 3.5355 / sqrt(2) = 31.77; 50 -> 75: -1, -10: mean
-    # -5.5, sd 6.364, half 57.18
+    # GRPO quarter means over seeds: 15.0, 28.33, 36.67, 40.0. Second -> third quarter: +10, +10, +5: mean 8.333,
+    # sample sd 2.8868, half 4.302653 * 2.8868 / sqrt(3) = 7.171: [+1.16, +15.50]. Third -> last: +2, +3, +5:
+    # mean 3.333, sd 1.5275, half 3.795: [-0.46, +7.13]
     assert (
         lines[2]
-        == "| PACS | 2 | 20.0 | 27.5 | 22.0 | +7.50 | [-24.27, +39.27] | 2/2 | -5.50 | [-62.68, +51.68] | 0/2 |"
+        == "| GRPO | 3 | 15.0 | 28.3 | 36.7 | 40.0 | +8.33 | [+1.16, +15.50] | 3/3 | +3.33 | [-0.46, +7.13] | 3/3 |"
     )
-    assert lines[4] == "| PPO | 1 | 20.0 | 25.0 | 26.0 | +5.00 | - | 1/1 | +1.00 | - | 1/1 |"
-    assert len(lines) == 5
-    assert study_report.plateau_table([runs[-2]], ["RLOO"]) == "(no curve yet)\n"
-    # stride 2 on 25-step points 0 ... 150: the columns are two points apart, ending at the last step
-    long = [_curve_run("GRPO", 0, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7])]
-    assert (
-        study_report.plateau_table(long, ["GRPO"], stride=2)
-        .splitlines()[2]
-        .startswith("| GRPO | 1 | 30.0 | 50.0 | 70.0 | +20.00 | - | 1/1 | +20.00 |")
-    )
-    assert "| step 50 | step 100 | step 150 |" in study_report.plateau_table(long, ["GRPO"], stride=2)
+    # PPO: 20, 30, 20, 30: -10 then +10
+    assert lines[3] == "| PPO | 1 | 20.0 | 30.0 | 20.0 | 30.0 | -10.00 | - | 0/1 | +10.00 | - | 1/1 |"
+    assert len(lines) == 4
+    assert study_report.plateau_table([runs[-2]], ["RLOO"], 200) == "(no curve yet)\n"
 
 
 def _log_run(method, seed, entropies):
@@ -332,7 +326,7 @@ def test_smoke_study_runs_in_parallel_and_resumes(tmp_path, caplog):
     for r in runs:
         assert set(r["eval"]) == {"pass@1", "pass@2", "pass@4"}
         if r["method"] != "base":
-            assert [p["step"] for p in r["curve"]] == [0, 2, 4]
+            assert [p["step"] for p in r["curve"]] == [0, 1, 2, 3, 4]  # a point in each quarter
             assert all(set(p) == {"step", "pass@1", "pass@2", "pass@4", "entropy"} for p in r["curve"])
             assert all(0 < p["entropy"] < math.log(vocab_size) for p in r["curve"])  # nats, below uniform's
             assert any("entropy" in h for h in r["log"])
