@@ -325,7 +325,8 @@ def write_report(runs: Sequence[dict[str, Any]], args: Any, config: Any, output:
         (
             f"The curve problems are the first {config.curve_size} of the evaluation problems x {config.curve_samples} "
             f"samples, scored every {config.curve_every} steps: a subset, so these numbers are not comparable with "
-            f"the final evaluation's on all {config.eval_size} problems."
+            f"the final evaluation's on all {config.eval_size} problems. A quarter a-b holds the curve points after "
+            "step a up to step b."
         ),
         "",
         plateau_table(runs, names, config.steps),
