@@ -55,7 +55,10 @@ def test_completion_entropy_matches_one_prefix_at_a_time():
             "completions": ["<answer>12</answer>"],
         },
     ]
-    max_new_tokens = 12  # the third completion is longer: truncated, no end step
+    max_new_tokens = 25  # the third completion has exactly 25 tokens: truncated, no end step
+    assert (
+        len(tokenizer(records[0]["completions"][2], add_special_tokens=False)["input_ids"]) == max_new_tokens
+    )
     expected_total, expected_count = 0.0, 0
     with torch.no_grad():
         for record in records:

@@ -166,21 +166,21 @@ def completion_entropy(
     records: list[dict[str, Any]],
     *,
     max_new_tokens: int,
-    batch_size: int = 256,
+    batch_size: int = 64,
 ) -> float:
     """The policy's mean next-token entropy (nats) along the completions of ``records`` (``evaluate``'s), taken
     over every token of every completion, as TRL's ``entropy`` metric takes it over a training batch: at each
     completion token and, for a completion that stopped before ``max_new_tokens``, at the step that sampled its end.
 
-    Each completion is re-tokenized from its text after the chat-rendered prompt (the demo's tokenizer gives the
-    sampled tokens back unless the model sampled a non-canonical split of a word). The model's train/eval mode is
-    restored on return."""
+    Each completion is re-tokenized from its text after the prompt as the sampler renders it. That gives back the
+    sampled tokens unless the model sampled a non-canonical split of a word; measured on the demo model, all 512
+    of 512 samples (32 curve problems x 16) came back as sampled. The model's train/eval mode is restored on
+    return."""
+    from pacsrl.eval.sampling import _render
+
     rows: list[tuple[list[int], int, int]] = []  # (ids, first position scored, positions scored)
     for record in records:
-        prompt = tokenizer.apply_chat_template(
-            list(record["prompt"]), add_generation_prompt=True, tokenize=False
-        )
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        prompt_ids = tokenizer(_render(tokenizer, record["prompt"]), add_special_tokens=False)["input_ids"]
         for completion in record["completions"]:
             ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
             scored = len(ids) + (1 if len(ids) < max_new_tokens else 0)
@@ -205,12 +205,14 @@ def completion_entropy(
             mask = torch.tensor(
                 [[1] * len(ids) + [0] * (width - len(ids)) for ids, _, _ in batch], device=device
             )
-            logits = model(input_ids=input_ids, attention_mask=mask).logits.float()  # (b, width, V)
-            logp = torch.log_softmax(logits, dim=-1)
-            entropy = -(logp.exp() * logp).sum(-1)  # (b, width)
-            for row, (_, first, scored) in enumerate(batch):
-                total += entropy[row, first : first + scored].sum().item()
-                count += scored
+            logits = model(input_ids=input_ids, attention_mask=mask).logits  # (b, width, V)
+            # only the scored positions go through the softmax (a large vocabulary makes the rest costly)
+            scored = torch.cat(
+                [logits[i, first : first + n] for i, (_, first, n) in enumerate(batch)]
+            ).float()
+            logp = torch.log_softmax(scored, dim=-1)  # (positions, V)
+            total += -(logp.exp() * logp).sum().item()
+            count += scored.shape[0]
     finally:
         model.train(was_training)
     return total / count
