@@ -143,6 +143,11 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, DemoConfig]:
     )
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel, one process each (default: 1)")
     parser.add_argument("--smoke", action="store_true", help="toy sizes, seconds per run (the test suite's)")
+    parser.add_argument(
+        "--no-curve-entropy",
+        action="store_true",
+        help="do not measure the policy's entropy on the curve problems (as the 150-step sitting did not)",
+    )
     args = parser.parse_args(argv)
     refused = [
         flag
@@ -181,6 +186,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, DemoConfig]:
         for f in dataclasses.fields(DemoConfig)
         if getattr(args, f.name, None) is not None
     }
+    if args.no_curve_entropy:
+        given["curve_entropy"] = False
     try:
         config = DemoConfig(**{**(SMOKE if args.smoke else STUDY), **given})
     except ValueError as err:

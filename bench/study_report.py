@@ -1,4 +1,5 @@
-"""The learning study's report (``bench/study.py``): ``results.md`` and four plots from the runs so far.
+"""The learning study's report (``bench/study.py``): ``results.md`` and four plots (``study_plots``) from the
+runs so far.
 
 - ``results.md``: what is finished (labelled partial until every run is in), the base model's evaluation at each
   sampling seed (its noise), final pass@k per method (mean and 95% t-interval over seeds), the paired differences
@@ -32,7 +33,6 @@ BASE = "base"
 REFERENCES = ("grpo", "ppo")
 PLOTS = ("curves.png", "pass_at_k.png", "entropy.png", "paired.png")
 ENTROPY_WINDOW = 10  # training steps averaged for the entropy at the end
-BAND_TITLE = "line: mean over seeds; band: 95% t-interval over seeds"
 SIGNIFICANCE_NOTE = (
     "'significant': the 95% t-interval excludes zero (it assumes the per-seed differences are roughly normal). "
     "With n seeds the exact tests cannot go below p = 2 / 2^n (0.0625 at 5 seeds, 0.0078 at 8), so they can "
@@ -187,11 +187,16 @@ def plateau_table(runs: Sequence[dict[str, Any]], names: Sequence[str], steps: i
     was still improving; a plateau shows as a last change near zero, with an interval that bounds it, after
     earlier rises."""
     curves = {(r["method"], r["seed"]): _curve(r, "pass@1") for r in runs if r["method"] in names}
+    curves = {key: c for key, c in curves.items() if any(step > 0 for step, _ in c)}
     quarters = {key: quarter_means(c, steps) for key, c in curves.items()}
+    if not curves:
+        return "(no curve yet)\n"
     quarters = {key: q for key, q in quarters.items() if None not in q}
     if not quarters:
-        return "(no curve yet)\n"
-    bounds = [0, *(round(steps * i / 4) for i in range(1, 5))]
+        return (
+            "(no run has a curve point in every quarter of training: that needs curve_every <= steps / 4)\n"
+        )
+    bounds = [f"{steps * i / 4:g}" for i in range(5)]
     head = " | ".join(f"steps {bounds[i]}-{bounds[i + 1]}" for i in range(4))
     spans = [(1, 2), (2, 3)]
     span_head = "".join(
@@ -223,6 +228,8 @@ def final_entropy(run: dict[str, Any], window: int, source: str = "rollouts") ->
     """The policy's mean token entropy at the end of a run: with ``source="rollouts"``, the training rollouts'
     over the run's last ``window`` logged steps; with ``"heldout"``, along the samples of the fixed curve problems
     at the last curve point that measured it."""
+    if source not in ("rollouts", "heldout"):
+        raise ValueError(f"source={source!r}: expected 'rollouts' or 'heldout'")
     if source == "heldout":
         values = [p["entropy"] for p in run.get("curve", []) if "entropy" in p][-1:]
     else:
@@ -370,162 +377,9 @@ def write_report(runs: Sequence[dict[str, Any]], args: Any, config: Any, output:
         times_table(runs, [BASE, *names]),
     ]
     text += [f"![{p}]({p})" for p in PLOTS] + [""]
+    from study_plots import plot_all  # it imports this module's helpers
+
     plot_all(runs, [BASE, *names], _reference_names(args.method_specs), ks, config, output)
     path = output / "results.md"
     path.write_text("\n".join(text), encoding="utf-8")
     return path
-
-
-# --------------------------------------------------------------------------------------------------
-# Plots
-
-
-def _band(
-    series: Sequence[Sequence[tuple[int, float]]],
-) -> tuple[list[int], list[float], list[float], list[float]]:
-    """Mean and 95% t band over seeds at each step every series has."""
-    steps = sorted(set.intersection(*[{s for s, _ in c} for c in series])) if series else []
-    xs, means, lows, highs = [], [], [], []
-    for step in steps:
-        values = [v for c in series for s, v in c if s == step]
-        mean, half = t_interval(values)
-        half = 0.0 if math.isnan(half) else half
-        xs.append(step)
-        means.append(mean)
-        lows.append(mean - half)
-        highs.append(mean + half)
-    return xs, means, lows, highs
-
-
-def _line(
-    ax: Any,
-    series: Sequence[Sequence[tuple[int, float]]],
-    label: str,
-    color: str,
-    marker: str | None,
-    bounds: tuple[float, float] = (-math.inf, math.inf),
-) -> None:
-    """The mean over seeds and its 95% band, the band cut to ``bounds`` (a percentage's 0-100: with two seeds
-    the t-interval's half-width is 12.7 standard deviations)."""
-    xs, means, lows, highs = _band(series)
-    if xs:
-        ax.plot(xs, means, color=color, label=f"{label} ({len(series)})", marker=marker, markersize=3)
-        lows = [max(v, bounds[0]) for v in lows]
-        highs = [min(v, bounds[1]) for v in highs]
-        ax.fill_between(xs, lows, highs, color=color, alpha=0.15)
-
-
-def plot_all(
-    runs: Sequence[dict[str, Any]],
-    names: Sequence[str],
-    references: Sequence[str],
-    ks: Sequence[int],
-    config: Any,
-    output: Path,
-) -> None:
-    from matplotlib.figure import Figure
-
-    colors = {name: f"C{i % 10}" for i, name in enumerate(names)}
-    trained = [n for n in names if n != BASE]
-    top = f"pass@{config.curve_samples}"
-
-    fig = Figure(figsize=(11, 4), layout="constrained")
-    for ax, key in zip(fig.subplots(1, 2), ("pass@1", top)):
-        for name in trained:
-            _line(
-                ax,
-                [_curve(r, key) for r in runs if r["method"] == name and _curve(r, key)],
-                name,
-                colors[name],
-                "o",
-                bounds=(0.0, 100.0),
-            )
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel(f"held-out {key} (%), first {config.curve_size} eval problems")
-        ax.grid(True, alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8, title="method (seeds)", title_fontsize=8)
-    fig.suptitle(BAND_TITLE, fontsize=9)
-    fig.savefig(output / "curves.png", dpi=110)
-
-    fig = Figure(figsize=(6, 4.2), layout="constrained")
-    ax = fig.subplots()
-    for name in names:
-        points = [(k, list(_by_seed(runs, name, f"pass@{k}").values())) for k in ks]
-        points = [(k, t_interval(v)) for k, v in points if v]
-        if points:
-            ax.errorbar(
-                [k for k, _ in points],
-                [m for _, (m, _) in points],
-                yerr=[0.0 if math.isnan(h) else h for _, (_, h) in points],
-                color=colors[name],
-                marker="o",
-                markersize=3,
-                capsize=2,
-                label=name,
-                linestyle="--" if name == BASE else "-",
-            )
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("k")
-    ax.set_ylabel("final held-out pass@k (%)")
-    ax.set_title("mean over seeds, bars: 95% t-interval (base: over sampling seeds)", fontsize=9)
-    ax.grid(True, alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    fig.savefig(output / "pass_at_k.png", dpi=110)
-
-    heldout = any("entropy" in p for r in runs for p in r.get("curve", []))
-    fig = Figure(figsize=(11 if heldout else 6, 4), layout="constrained")
-    panels = [("rollouts", "mean token entropy of the training rollouts (nats)")]
-    if heldout:
-        panels.insert(0, ("heldout", f"mean token entropy on the {config.curve_size} curve problems (nats)"))
-    for ax, (source, label) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
-        for name in trained:
-            series = [
-                [(p["step"], p["entropy"]) for p in r.get("curve", []) if "entropy" in p]
-                if source == "heldout"
-                else [(h["step"], h["entropy"]) for h in r.get("log", []) if "entropy" in h]
-                for r in runs
-                if r["method"] == name
-            ]
-            _line(ax, [s for s in series if s], name, colors[name], "o" if source == "heldout" else None)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel(label)
-        ax.grid(True, alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8, title="method (seeds)", title_fontsize=8)
-    fig.suptitle(BAND_TITLE, fontsize=9)
-    fig.savefig(output / "entropy.png", dpi=110)
-
-    shown_ks = sorted({k for k in (1, 8, ks[-1] if ks else 1) if k in ks})
-    rows = max(1, len(references))
-    fig = Figure(figsize=(4 * max(1, len(shown_ks)), 3.2 * rows), layout="constrained")
-    axes = fig.subplots(rows, max(1, len(shown_ks)), squeeze=False)
-    for i, reference in enumerate(references):
-        others = [n for n in trained if n != reference]
-        for j, k in enumerate(shown_ks):
-            ax = axes[i][j]
-            for x, name in enumerate(others):
-                a, b = _by_seed(runs, name, f"pass@{k}"), _by_seed(runs, reference, f"pass@{k}")
-                seeds = sorted(set(a) & set(b))
-                if not seeds:
-                    continue
-                diffs = [a[s] - b[s] for s in seeds]
-                jitter = [x - 0.15 + 0.3 * n / max(1, len(diffs) - 1) for n in range(len(diffs))]
-                ax.scatter(jitter, diffs, color=colors[name], s=14, alpha=0.8)
-                mean, half = t_interval(diffs)
-                ax.errorbar(
-                    [x + 0.35],
-                    [mean],
-                    yerr=[0.0 if math.isnan(half) else half],
-                    color="black",
-                    marker="_",
-                    markersize=10,
-                    capsize=3,
-                )
-            ax.axhline(0, color="grey", linewidth=1)
-            ax.set_xticks(range(len(others)), others, rotation=20, ha="right", fontsize=8)
-            ax.set_title(f"pass@{k}: method - {reference} (points)", fontsize=9)
-            ax.grid(True, axis="y", alpha=0.3)
-    fig.suptitle("dots: one per seed (in seed order); black: mean and 95% t-interval", fontsize=9)
-    fig.savefig(output / "paired.png", dpi=110)

@@ -168,7 +168,15 @@ def test_plateau_table_hand_worked():
     # PPO: 20, 30, 20, 30: -10 then +10
     assert lines[3] == "| PPO | 1 | 20.0 | 30.0 | 20.0 | 30.0 | -10.00 | - | 0/1 | +10.00 | - | 1/1 |"
     assert len(lines) == 4
-    assert study_report.plateau_table([runs[-2]], ["RLOO"], 200) == "(no curve yet)\n"
+    assert study_report.plateau_table([runs[-2]], ["RLOO"], 200).startswith(
+        "(no run has a curve point in every"
+    )
+    assert study_report.plateau_table([_curve_run("RLOO", 0, [0.1])], ["RLOO"], 200) == "(no curve yet)\n"
+    # quarters of 150 steps end at 37.5 and 112.5, not at a rounded step
+    assert (
+        "| steps 0-37.5 | steps 37.5-75 | steps 75-112.5 | steps 112.5-150 |"
+        in study_report.plateau_table(runs[:1], ["GRPO"], 150)
+    )
 
 
 def _log_run(method, seed, entropies):
@@ -216,6 +224,8 @@ def test_heldout_entropy_is_the_last_curve_point_that_measured_it():
     ]
     assert study_report.final_entropy(runs[1], 10, "heldout") == 0.3
     assert study_report.final_entropy(runs[1], 10) == 9.0
+    with pytest.raises(ValueError, match="source='held-out'"):
+        study_report.final_entropy(runs[1], 10, "held-out")
     lines = study_report.entropy_table(runs, ["PACS", "GRPO"], ["GRPO"], source="heldout").splitlines()
     # PACS: 0.3, 0.4: mean 0.35, sd 0.070711, half 12.7062 * 0.070711 / sqrt(2) = 0.63531; minus GRPO (0.1, 0.3):
     # +0.2, +0.1: mean 0.15, sd 0.070711, the same half
@@ -261,6 +271,20 @@ def test_settings_hold_what_every_run_shares_only(tmp_path):
     # a folder written while settings.json still held them resumes: they are neither compared nor refused
     (tmp_path / "settings.json").write_text(json.dumps({**settings, "algorithms": ["pacs", "grpo"]}))
     study.check_settings(tmp_path, settings)
+
+
+@pytest.mark.parametrize(
+    ("folder", "argv"),
+    [("study", []), ("study-150", ["--steps", "150", "--no-curve-entropy"])],
+)
+def test_committed_study_folders_resume_with_their_command(folder, argv):
+    # catches: a change to the study's settings (or a new DemoConfig field with another value) that would make
+    # the committed results folder refuse its own command instead of resuming it
+    path = BENCH / "results" / folder
+    _, config = study.parse_args(["--jobs", "2", *argv, "--output", str(path)])
+    old = json.loads((path / "settings.json").read_text())
+    settings = study.study_settings(config)
+    assert {k: settings[k] for k in old if k in settings} == {k: old[k] for k in old if k in settings}
 
 
 def test_pending_jobs_skip_finished_runs_seed_by_seed():
