@@ -34,8 +34,10 @@ Settings (``STUDY``), the same for every method, and why:
   settings for 150 steps (``bench/results/study-150``, all 42 runs, 33,511 CPU-seconds, about 4.7 hours at
   ``--jobs 2``) and found no method near a plateau: GRPO's mean curve pass@1 still rose +2.80 points from the
   third quarter of training to the last ([+1.73, +3.87], 8 of 8 seeds). 600 steps is the next try; the plateau
-  table of ``results.md`` says whether it is long enough. It makes the study several times the issue's ~4 hours
-  on 2 cores: it runs in sittings (the runs file resumes), GRPO's seeds first (the plateau is GRPO's).
+  table of ``results.md`` says whether it is long enough (for GRPO's 8 seeds: slowed, +1.76 points in the last
+  quarter, [+0.01, +3.51]; README). A GRPO run takes 1,378-1,623 CPU-seconds, so the whole study needs about 9
+  hours at ``--jobs 2``, more than twice the issue's ~4: it runs in sittings (the runs file resumes), GRPO's seeds
+  first (the plateau is GRPO's).
 - The two base-model evaluations do not depend on training, so the 600-step folder holds the 150-step folder's
   (the same 512 x 64 evaluation at sampling seeds 0 and 1; their records say ``copied_from``).
 
