@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from significance import t_interval
-from study_report import BASE, _by_seed, _curve
+from study_report import BASE, _by_seed, _curve, entropy_series, has_heldout_entropy
 
 BAND_TITLE = "line: mean over seeds; band: 95% t-interval over seeds"
 
@@ -108,20 +108,14 @@ def plot_all(
         ax.legend(fontsize=8)
     fig.savefig(output / "pass_at_k.png", dpi=110)
 
-    heldout = any("entropy" in p for r in runs for p in r.get("curve", []))
+    heldout = has_heldout_entropy(runs)
     fig = Figure(figsize=(11 if heldout else 6, 4), layout="constrained")
     panels = [("rollouts", "mean token entropy of the training rollouts (nats)")]
     if heldout:
         panels.insert(0, ("heldout", f"mean token entropy on the {config.curve_size} curve problems (nats)"))
     for ax, (source, label) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
         for name in trained:
-            series = [
-                [(p["step"], p["entropy"]) for p in r.get("curve", []) if "entropy" in p]
-                if source == "heldout"
-                else [(h["step"], h["entropy"]) for h in r.get("log", []) if "entropy" in h]
-                for r in runs
-                if r["method"] == name
-            ]
+            series = [entropy_series(r, source) for r in runs if r["method"] == name]
             _line(ax, [s for s in series if s], name, colors[name], "o" if source == "heldout" else None)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(label)

@@ -188,9 +188,9 @@ def plateau_table(runs: Sequence[dict[str, Any]], names: Sequence[str], steps: i
     earlier rises."""
     curves = {(r["method"], r["seed"]): _curve(r, "pass@1") for r in runs if r["method"] in names}
     curves = {key: c for key, c in curves.items() if any(step > 0 for step, _ in c)}
-    quarters = {key: quarter_means(c, steps) for key, c in curves.items()}
     if not curves:
         return "(no curve yet)\n"
+    quarters = {key: quarter_means(c, steps) for key, c in curves.items()}
     quarters = {key: q for key, q in quarters.items() if None not in q}
     if not quarters:
         return (
@@ -224,16 +224,24 @@ def plateau_table(runs: Sequence[dict[str, Any]], names: Sequence[str], steps: i
     return "\n".join(lines) + "\n"
 
 
-def final_entropy(run: dict[str, Any], window: int, source: str = "rollouts") -> float | None:
-    """The policy's mean token entropy at the end of a run: with ``source="rollouts"``, the training rollouts'
-    over the run's last ``window`` logged steps; with ``"heldout"``, along the samples of the fixed curve problems
-    at the last curve point that measured it."""
+def entropy_series(run: dict[str, Any], source: str) -> list[tuple[int, float]]:
+    """A run's (step, mean token entropy) pairs: ``source="rollouts"``, the training rollouts' at every logged step;
+    ``"heldout"``, along the samples of the fixed curve problems at every curve point that measured it."""
     if source not in ("rollouts", "heldout"):
         raise ValueError(f"source={source!r}: expected 'rollouts' or 'heldout'")
-    if source == "heldout":
-        values = [p["entropy"] for p in run.get("curve", []) if "entropy" in p][-1:]
-    else:
-        values = [h["entropy"] for h in run.get("log", []) if "entropy" in h][-window:]
+    entries = run.get("curve", []) if source == "heldout" else run.get("log", [])
+    return [(e["step"], e["entropy"]) for e in entries if "entropy" in e]
+
+
+def has_heldout_entropy(runs: Sequence[dict[str, Any]]) -> bool:
+    """Whether any run measured the entropy on the curve problems (``curve_entropy``)."""
+    return any(entropy_series(r, "heldout") for r in runs)
+
+
+def final_entropy(run: dict[str, Any], window: int, source: str = "rollouts") -> float | None:
+    """The policy's mean token entropy at the end of a run (``entropy_series``): the training rollouts' over the
+    run's last ``window`` logged steps, or the fixed curve problems' at the last curve point that measured it."""
+    values = [v for _, v in entropy_series(run, source)][-1 if source == "heldout" else -window :]
     return sum(values) / len(values) if values else None
 
 
@@ -355,7 +363,7 @@ def write_report(runs: Sequence[dict[str, Any]], args: Any, config: Any, output:
             reach_table(runs, names, reference),
         ]
     entropy_references = [n for n in _reference_names(args.method_specs) if n in names]
-    if any("entropy" in p for r in runs for p in r.get("curve", [])):
+    if has_heldout_entropy(runs):
         text += [
             "## Policy entropy at the end, on the fixed curve problems",
             "",
