@@ -271,6 +271,23 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def machine() -> dict[str, str]:
+    """What a run's floating-point results depend on beyond the code: the CPU, the kernels torch picked for it
+    (AVX2 and AVX512 round differently) and torch's version. Recorded per run, since sittings may land on
+    different machines of a shared pool."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "kernels": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}
+
+
 def run_job(job: Job, config: DemoConfig) -> dict[str, Any]:
     """Train and evaluate one method at one seed (or evaluate the base model): the record for ``runs.jsonl``."""
     import torch
@@ -282,7 +299,7 @@ def run_job(job: Job, config: DemoConfig) -> dict[str, Any]:
     started, cpu = time.perf_counter(), _cpu_seconds()
     seeded = dataclasses.replace(config, seed=job.seed)
     data = load_data(seeded)
-    record: dict[str, Any] = {"method": job.name, "spec": job.spec, "seed": job.seed}
+    record: dict[str, Any] = {"method": job.name, "spec": job.spec, "seed": job.seed, "machine": machine()}
     if job.spec == BASE:
         model, tokenizer = load_policy(seeded.model)
         final = evaluate(

@@ -287,10 +287,14 @@ def entropy_table(
 
 
 def times_table(runs: Sequence[dict[str, Any]], names: Sequence[str]) -> str:
-    lines = ["| method | seed | wall (s) | CPU (s) |", "|---|---:|---:|---:|"]
+    lines = ["| method | seed | wall (s) | CPU (s) | machine |", "|---|---:|---:|---:|---|"]
     for name in names:
         for r in sorted((r for r in runs if r["method"] == name), key=lambda r: r["seed"]):
-            lines.append(f"| {name} | {r['seed']} | {r['wall_seconds']:.0f} | {r['cpu_seconds']:.0f} |")
+            m = r.get("machine")  # not recorded before 2026-12-02 16:00 UTC
+            where = f"{m['cpu']}, {m['kernels']}, torch {m['torch']}" if m else "-"
+            lines.append(
+                f"| {name} | {r['seed']} | {r['wall_seconds']:.0f} | {r['cpu_seconds']:.0f} | {where} |"
+            )
     return "\n".join(lines) + "\n"
 
 

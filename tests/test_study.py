@@ -232,6 +232,21 @@ def test_heldout_entropy_is_the_last_curve_point_that_measured_it():
     assert lines[2] == "| PACS | 2 | 0.3500 ± 0.6353 | +0.1500 [-0.4853, +0.7853] | 2/2 | 0.500 |"
 
 
+def test_times_table_names_each_runs_machine_or_a_dash_where_it_was_not_recorded():
+    import study_report
+
+    machine = {"cpu": "AMD EPYC", "kernels": "AVX512", "torch": "2.13.0+cpu"}
+    runs = [
+        {"method": "GRPO", "seed": 1, "wall_seconds": 10.4, "cpu_seconds": 9.6, "machine": machine},
+        {"method": "GRPO", "seed": 0, "wall_seconds": 12.0, "cpu_seconds": 11.0},  # an older record
+    ]
+    lines = study_report.times_table(runs, ["GRPO"]).splitlines()
+    assert lines[2:] == [
+        "| GRPO | 0 | 12 | 11 | - |",
+        "| GRPO | 1 | 10 | 10 | AMD EPYC, AVX512, torch 2.13.0+cpu |",
+    ]
+
+
 # --------------------------------------------------------------------------------------------------
 # The runs file
 
@@ -347,8 +362,11 @@ def test_smoke_study_runs_in_parallel_and_resumes(tmp_path, caplog):
     from pacsrl.demo import demo_checkpoint_path
 
     vocab_size = json.loads((demo_checkpoint_path() / "config.json").read_text())["vocab_size"]
+    import torch
+
     for r in runs:
         assert set(r["eval"]) == {"pass@1", "pass@2", "pass@4"}
+        assert r["machine"]["kernels"] == torch.backends.cpu.get_cpu_capability() and r["machine"]["cpu"]
         if r["method"] != "base":
             assert [p["step"] for p in r["curve"]] == [0, 1, 2, 3, 4]  # a point in each quarter
             assert all(set(p) == {"step", "pass@1", "pass@2", "pass@4", "entropy"} for p in r["curve"])
