@@ -298,6 +298,21 @@ def times_table(runs: Sequence[dict[str, Any]], names: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def weights_section(runs: Sequence[dict[str, Any]], names: Sequence[str], ks: Sequence[int]) -> list[str]:
+    """PACS against PACS without class weights, per seed: what the weights do (the paper's ablation); empty unless
+    both are in the study."""
+    with_weights, without = Method.parse("pacs").name, Method.parse("pacs-noweight").name
+    if with_weights not in names or without not in names:
+        return []
+    return [
+        f"## Class weights: {with_weights} against {without} ({with_weights} - {without}, per seed)",
+        "",
+        paired_table(runs, [with_weights], without, ks),
+        SIGNIFICANCE_NOTE,
+        "",
+    ]
+
+
 def write_report(runs: Sequence[dict[str, Any]], args: Any, config: Any, output: Path) -> Path:
     """Write ``results.md`` and the plots for the runs of this study in ``runs``; returns the results path."""
     names = method_names(args.method_specs)
@@ -366,6 +381,7 @@ def write_report(runs: Sequence[dict[str, Any]], args: Any, config: Any, output:
             "",
             reach_table(runs, names, reference),
         ]
+    text += weights_section(runs, names, ks)
     entropy_references = [n for n in _reference_names(args.method_specs) if n in names]
     if has_heldout_entropy(runs):
         text += [

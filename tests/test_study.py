@@ -205,6 +205,30 @@ def test_entropy_table_hand_worked():
     assert lines[3] == "| GRPO | 2 | 0.2250 ± 0.3177 | - | - | - | - | - | - |"
 
 
+def test_weights_section_is_pacs_minus_pacs_without_weights_seed_by_seed():
+    # catches: the difference taken the other way round, unpaired seeds, or the section shown without both methods
+    import study_report
+
+    def run(method, seed, p1):
+        return {"method": method, "seed": seed, "eval": {"pass@1": p1}}
+
+    runs = [
+        run("PACS", 0, 0.50),
+        run("PACS", 1, 0.40),
+        run("PACS", 2, 0.90),  # no partner: left out
+        run("PACS w/o weights", 0, 0.45),
+        run("PACS w/o weights", 1, 0.41),
+        run("GRPO", 0, 0.0),
+        run("GRPO", 1, 0.0),
+    ]
+    text = "\n".join(study_report.weights_section(runs, ["PACS", "PACS w/o weights", "GRPO"], [1]))
+    assert "PACS against PACS w/o weights (PACS - PACS w/o weights" in text
+    # +5 and -1 points: mean 2, sd sqrt(18) = 4.2426, half 12.7062 * 4.2426 / sqrt(2) = 38.119; 1 win of 2
+    assert "| PACS | 1 | 2 | +2.00 | [-36.12, +40.12] | 1/2 | 1.000 |" in text
+    assert "| GRPO |" not in text and "| PACS w/o weights |" not in text
+    assert study_report.weights_section(runs, ["PACS", "GRPO"], [1]) == []
+
+
 def test_heldout_entropy_is_the_last_curve_point_that_measured_it():
     # catches: the training rollouts' entropy (or the first curve point's) reported as the held-out one
     import study_report
